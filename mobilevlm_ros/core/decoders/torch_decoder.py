@@ -1,0 +1,107 @@
+"""The reference decoder: the LLaMA of llama.py in PyTorch (float32 on CPU, float16 on CUDA)."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..generation import AnswerBuilder, Generation, GenerationParams, TokenCallback
+from ..llama import LlamaForCausalLM
+from ..prompt import PromptIds
+from ..tokenizer import Tokenizer
+from ..vision import ImageEmbedding
+from .base import Decoder, FrameCache
+
+
+def sample(logits: torch.Tensor, params: GenerationParams, generator: Optional[torch.Generator]) -> int:
+    """Greedy, or temperature then nucleus (top_p) sampling, as transformers' generate applies them."""
+    logits = logits.float()
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative <= (1 - params.top_p)
+        remove[-1] = False                          # always keep the most likely token
+        logits = logits.scatter(0, order[remove], float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TorchDecoder(Decoder):
+    name = "torch"
+
+    def __init__(self, llm: LlamaForCausalLM, tokenizer: Tokenizer, max_cached_frames: int = 4,
+                 device: str = "cpu"):
+        self.llm, self.tok, self.device = llm.eval(), tokenizer, torch.device(device)
+        self.dtype = next(llm.parameters()).dtype
+        self._prefix: dict = {}
+        self._frames = FrameCache(max_cached_frames)
+
+    @classmethod
+    def from_state(cls, cfg, state: dict, tokenizer: Tokenizer, device: str = "cpu", **kw):
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        with torch.device("meta"):
+            llm = LlamaForCausalLM(cfg)
+        missing = [k for k in llm.state_dict() if k not in state]
+        if missing:
+            from ..errors import ModelLoadError
+            raise ModelLoadError(f"checkpoint lacks LLM weight '{missing[0]}' (and {len(missing) - 1} more)")
+        llm.load_state_dict({k: state[k].to(dtype) for k in llm.state_dict()}, strict=True, assign=True)
+        return cls(llm.to(device), tokenizer, device=device, **kw)
+
+    def describe(self) -> dict:
+        return {"decoder": self.name, "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device)}
+
+    def _ids(self, ids) -> torch.Tensor:
+        return self.llm.embed(torch.tensor([list(ids)], device=self.device))
+
+    @torch.inference_mode()
+    def _frame_kv(self, prompt: PromptIds, image: ImageEmbedding):
+        """KV after prefix + image tokens, and whether it came from the cache."""
+        key = (image.key, prompt.prefix)
+        kv = self._frames.get_fresh(key)
+        if kv is not None:
+            return kv, True
+        if prompt.prefix not in self._prefix:
+            self._prefix = {prompt.prefix: self.llm(self._ids(prompt.prefix))[1]}
+        emb = torch.from_numpy(np.ascontiguousarray(image.embeds, dtype=np.float32)).to(self.device, self.dtype)
+        kv = self.llm(emb[None], self._prefix[prompt.prefix])[1]
+        self._frames.put(key, kv)
+        return kv, False
+
+    @torch.inference_mode()
+    def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
+                 on_token: Optional[TokenCallback] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> Generation:
+        params.validate()
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2 ** 32))
+        out = AnswerBuilder(self.tok, params, on_token, cancel)
+        t0 = time.perf_counter()
+        kv, cached = self._frame_kv(prompt, image)
+        t_image = time.perf_counter()
+        logits, kv = self.llm(self._ids(prompt.suffix), kv)
+        t1 = time.perf_counter()
+        first_token_ms = None
+        if not out.cancelled():
+            while True:
+                token = sample(logits[0, -1], params, gen)
+                if first_token_ms is None:
+                    first_token_ms = (time.perf_counter() - t0) * 1e3
+                if not out.push(token):
+                    break
+                logits, kv = self.llm(self._ids([token]), kv)
+        t2 = time.perf_counter()
+        return Generation(ids=out.ids, text=out.answer(), finish_reason=out.finish_reason,
+                          prompt_tokens=prompt.total, prefill_ms=(t1 - t0) * 1e3,
+                          decode_ms=(t2 - t1) * 1e3, first_token_ms=first_token_ms or 0.0,
+                          cached_prefix_tokens=len(prompt.prefix) + (prompt.image_tokens if cached else 0),
+                          timings={"image_prefill_ms": (t_image - t0) * 1e3,
+                                   "text_prefill_ms": (t1 - t_image) * 1e3})

@@ -1,0 +1,140 @@
+"""MobileVLM end to end: encode a frame once, answer many questions about it.
+
+`load_model(path, ...)` accepts a published checkpoint folder or an exported artifacts folder
+(manifest.json, ONNX vision graph, GGUF decoder; see tools/export.py). Defaults: a checkpoint runs the
+torch reference for both halves; artifacts run ONNX Runtime and llama.cpp and never import torch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .artifacts import MANIFEST, read_manifest
+from .errors import ModelLoadError
+from .generation import Generation, GenerationParams, TokenCallback
+from .prompt import PromptIds, build_prompt
+from .tokenizer import Tokenizer
+from .vision import ImageEmbedding, VisionBackend
+
+log = logging.getLogger(__name__)
+
+VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DECODERS = ("torch", "llamacpp")
+QUANTS = ("f16", "q8_0", "q4_k_m")
+
+
+@dataclass
+class LoadOptions:
+    vision_backend: str = "auto"        # auto | torch | onnxruntime | tensorrt
+    decoder: str = "auto"               # auto | torch | llamacpp
+    quant: str = "q4_k_m"               # GGUF file the llamacpp decoder loads
+    vision_dtype: str = "fp32"          # ONNX graph the onnx backends load: fp32 | fp16 | ...
+    device: str = "cpu"                 # torch backends: cpu | cuda
+    threads: int = 0                    # 0 = library default
+    gpu_layers: int = 0                 # llama.cpp layers offloaded to a GPU
+    max_cached_frames: int = 4          # frames whose image KV a decoder keeps
+    vision_tower: Optional[str] = None  # explicit CLIP folder for V1 checkpoints
+    onnx_providers: Optional[list] = None
+    engine_cache: Optional[str] = None  # TensorRT engine / timing cache folder
+    extra: dict = field(default_factory=dict)
+
+
+def is_artifacts(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class MobileVLM:
+    def __init__(self, vision: VisionBackend, decoder, tokenizer: Tokenizer, image_tokens: int,
+                 model_id: str):
+        self.vision, self.decoder, self.tokenizer = vision, decoder, tokenizer
+        self.image_tokens, self.model_id = image_tokens, model_id
+
+    def encode(self, frames, channel_order: str = "rgb") -> list[ImageEmbedding]:
+        return self.vision.encode(frames, channel_order)
+
+    def prompt(self, question: str) -> PromptIds:
+        return build_prompt(self.tokenizer, question, self.image_tokens)
+
+    def ask(self, question: str, image: ImageEmbedding, params: GenerationParams = GenerationParams(),
+            on_token: Optional[TokenCallback] = None,
+            cancel: Optional[Callable[[], bool]] = None) -> Generation:
+        return self.decoder.generate(self.prompt(question), image, params.validate(), on_token, cancel)
+
+    def describe(self) -> dict:
+        return {"model_id": self.model_id, "image_tokens": self.image_tokens,
+                **self.vision.describe(), **self.decoder.describe()}
+
+    def close(self):
+        self.decoder.close()
+        self.vision.close()
+
+
+def _checkpoint_for(path: Path, opts: LoadOptions, manifest: Optional[dict]):
+    """The torch reference needs the original checkpoint: the folder itself, or the manifest's source."""
+    from .checkpoint import load_checkpoint
+    if manifest is None:
+        return load_checkpoint(path, opts.vision_tower)
+    src = Path(manifest.get("source", {}).get("path", ""))
+    if not (src / "config.json").is_file():
+        raise ModelLoadError(f"{path / MANIFEST}: the torch backends need the source checkpoint, "
+                             f"which is not at '{src}'")
+    return load_checkpoint(src, opts.vision_tower)
+
+
+def load_model(path, opts: Optional[LoadOptions] = None, **kw) -> MobileVLM:
+    opts = opts or LoadOptions(**kw)
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    manifest = None
+    if is_artifacts(path):
+        manifest = read_manifest(path)
+    vision_name = opts.vision_backend if opts.vision_backend != "auto" else (
+        "onnxruntime" if manifest else "torch")
+    decoder_name = opts.decoder if opts.decoder != "auto" else ("llamacpp" if manifest else "torch")
+    if vision_name not in VISION_BACKENDS:
+        raise ModelLoadError(f"unknown vision backend '{vision_name}' (choose from {', '.join(VISION_BACKENDS)})")
+    if decoder_name not in DECODERS:
+        raise ModelLoadError(f"unknown decoder '{decoder_name}' (choose from {', '.join(DECODERS)})")
+    if manifest is None and (vision_name != "torch" or decoder_name != "torch"):
+        raise ModelLoadError(f"{path} is a checkpoint; the {vision_name}/{decoder_name} backends need an "
+                             f"artifacts folder: run `mobilevlm-export --model {path} --out ARTIFACTS`")
+    t0 = time.perf_counter()
+    ckpt = None
+    if "torch" in (vision_name, decoder_name):
+        ckpt = _checkpoint_for(path, opts, manifest)
+    tok_dir = path if manifest else ckpt.path
+    tokenizer = Tokenizer(tok_dir / "tokenizer.model")
+
+    if vision_name == "torch":
+        from .vision import TorchVision
+        vision = TorchVision(ckpt, opts.device, opts.threads)
+    elif vision_name == "onnxruntime":
+        from .vision_onnx import OnnxRuntimeVision
+        vision = OnnxRuntimeVision.from_artifacts(path, manifest, opts)
+    else:
+        from .vision_tensorrt import TensorRTVision
+        vision = TensorRTVision.from_artifacts(path, manifest, opts)
+
+    if decoder_name == "torch":
+        from .decoders.torch_decoder import TorchDecoder
+        decoder = TorchDecoder.from_state(ckpt.config.llm, ckpt.state, tokenizer, device=opts.device,
+                                          max_cached_frames=opts.max_cached_frames)
+    else:
+        from .decoders.llamacpp_decoder import LlamaCppDecoder
+        decoder = LlamaCppDecoder.from_artifacts(path, manifest, tokenizer, opts)
+
+    if manifest:
+        image_tokens = int(manifest["image_tokens"])
+        model_id = str(manifest.get("model_id") or path.name)
+    else:
+        from .projectors import projector_tokens
+        image_tokens = projector_tokens(ckpt.config.projector_type, ckpt.vision.config.num_patches)
+        model_id = ckpt.path.name
+    ckpt = None  # the torch modules hold what they need; drop the raw state dict
+    log.info("loaded %s in %.1f s (vision %s, decoder %s)", model_id, time.perf_counter() - t0,
+             vision_name, decoder_name)
+    return MobileVLM(vision, decoder, tokenizer, image_tokens, model_id)

@@ -1,0 +1,34 @@
+"""Session fixtures: tiny random checkpoints in the published layout, made by the project's own tool."""
+import numpy as np
+import pytest
+
+from mobilevlm_ros.tools.make_tiny import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-v2", "ldpnetv2", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v1(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-v1", "ldpnet", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session", params=["v1", "v2"])
+def tiny_ckpt(request, tiny_v1, tiny_v2):
+    return tiny_v1 if request.param == "v1" else tiny_v2
+
+
+def synthetic_frame(h, w, seed=0):
+    """Deterministic frame with structure (gradients + a block) and some noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)),
+                    ((x + y) * 128 // max(h + w, 1))], axis=-1).astype(np.int32)
+    img[h // 4:h // 2, w // 3:w // 2] = (230, 30, 30)
+    img += rng.integers(-20, 20, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+FRAMES = {"wide": (360, 640), "tall": (500, 300), "square": (256, 256)}

@@ -1,0 +1,102 @@
+"""Generation with the torch reference: stop rules, streaming, cancellation, sampling, KV reuse."""
+import numpy as np
+import pytest
+import torch
+
+from mobilevlm_ros.core.errors import RequestError
+from mobilevlm_ros.core.generation import AnswerBuilder, GenerationParams
+from mobilevlm_ros.core.pipeline import load_model
+from mobilevlm_ros.core.tokenizer import Tokenizer
+from models_fixtures import synthetic_frame
+
+
+@pytest.fixture(scope="module")
+def model(tiny_v2):
+    m = load_model(tiny_v2)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def frame_emb(model):
+    return model.encode([synthetic_frame(240, 320, seed=5)])[0]
+
+
+GREEDY = GenerationParams(max_new_tokens=12)
+
+
+def test_kv_reuse_gives_identical_answers(model, frame_emb, tiny_v2):
+    first = model.ask("What is in the image?", frame_emb, GREEDY)
+    again = model.ask("What is in the image?", frame_emb, GREEDY)
+    assert first.cached_prefix_tokens == len(model.prompt("x").prefix)        # image evaluated now
+    assert again.cached_prefix_tokens == len(model.prompt("x").prefix) + 144  # image from the cache
+    assert again.ids == first.ids
+    fresh = load_model(tiny_v2)
+    assert fresh.ask("What is in the image?", fresh.encode([synthetic_frame(240, 320, seed=5)])[0],
+                     GREEDY).ids == first.ids
+
+
+def test_incremental_equals_one_pass(model, frame_emb):
+    """Prefix, image and question evaluated in pieces (cached) == the whole prompt in one forward."""
+    llm = model.decoder.llm
+    p = model.prompt("Describe the scene.")
+    emb = torch.cat([llm.embed(torch.tensor([p.prefix])), torch.from_numpy(frame_emb.embeds)[None],
+                     llm.embed(torch.tensor([p.suffix]))], dim=1)
+    with torch.inference_mode():
+        logits, kv = llm(emb)
+        ids = []
+        for _ in range(8):
+            t = int(logits[0, -1].argmax())
+            ids.append(t)
+            logits, kv = llm(llm.embed(torch.tensor([[t]])), kv)
+    gen = model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=8, min_new_tokens=8))
+    assert gen.ids == ids
+
+
+def test_answers_depend_on_image_and_question(model, frame_emb):
+    other = model.encode([synthetic_frame(240, 320, seed=99)[::-1].copy()])[0]
+    a = model.ask("What is in the image?", frame_emb, GREEDY).ids
+    assert model.ask("What is in the image?", other, GREEDY).ids != a
+    assert model.ask("Is there a red object?", frame_emb, GREEDY).ids != a
+
+
+def test_streaming_and_cancel(model, frame_emb):
+    seen = []
+    gen = model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=10, min_new_tokens=10),
+                    on_token=lambda t, text: seen.append((t, text)))
+    assert [t for t, _ in seen] == gen.ids and len(gen.ids) == 10 and gen.finish_reason == "length"
+    assert seen[-1][1] == gen.text
+    calls = []
+    gen = model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=10, min_new_tokens=10),
+                    on_token=lambda t, text: calls.append(t), cancel=lambda: len(calls) >= 3)
+    assert gen.finish_reason == "cancelled" and len(gen.ids) == 3
+
+
+def test_sampling_is_seeded(model, frame_emb):
+    p = GenerationParams(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=7)
+    a = model.ask("Describe the scene.", frame_emb, p).ids
+    assert model.ask("Describe the scene.", frame_emb, p).ids == a
+    outs = {tuple(model.ask("Describe the scene.", frame_emb,
+                            GenerationParams(max_new_tokens=10, temperature=1.5, seed=s)).ids) for s in range(4)}
+    assert len(outs) > 1
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=0), dict(max_new_tokens=100000), dict(temperature=float("nan")),
+                                dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(seed=-3)])
+def test_bad_params_rejected(kw):
+    with pytest.raises(RequestError):
+        GenerationParams(**kw).validate()
+
+
+def test_stop_rules(tiny_v2):
+    tok = Tokenizer(tiny_v2 / "tokenizer.model")
+    words = tok.encode("a red box")
+    b = AnswerBuilder(tok, GenerationParams(max_new_tokens=50))
+    assert all(b.push(t) for t in words) and not b.push(tok.eos_id)
+    assert b.finish_reason == "stop" and b.ids == words and b.answer() == "a red box"
+    # the text "</s>" spelled out in ordinary pieces also stops, and is stripped with its tokens
+    b = AnswerBuilder(tok, GenerationParams(max_new_tokens=50))
+    pieces = [tok.sp.piece_to_id(p) for p in ("<0x3C>", "<0x2F>", "s", "<0x3E>")]
+    results = [b.push(t) for t in words + pieces]
+    assert results[-1] is False and b.finish_reason == "stop"
+    assert b.answer() == "a red box" and b.ids == words
