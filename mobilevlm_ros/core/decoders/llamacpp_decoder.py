@@ -1,0 +1,511 @@
+"""The GGUF decoder: MobileLLaMA on llama.cpp (low-level ctypes API of llama-cpp-python), fed with
+cached image embeddings.
+
+Same contract as TorchDecoder.generate (prompt.prefix, image embeddings, prompt.suffix; AnswerBuilder
+for stop rules, streaming and cancellation; the same Generation fields). What is kept between calls
+lives in llama.cpp's KV cache, one sequence per thing kept:
+
+    seq 0                  the prompt prefix (BOS + system + "USER: "), evaluated once per load
+    seq 1..K               one per cached frame: the prefix's cells (shared, not copied) + the frame's
+                           image tokens, evaluated once; LRU over K = max_cached_frames
+    seq K+1 (scratch)      a question: the frame's cells + "\\n<question> ASSISTANT:" + the answer;
+                           removed after every answer
+
+The context is created with kv_unified=True: every sequence lives in one KV buffer, so a sequence
+copy only tags cells (no data is copied) and partial copies are allowed. The buffer has n_ctx cells
+(default: the model's training context); when an evaluation finds no free cells, the least recently
+used frames other than the one in use are evicted and the evaluation retried.
+
+Image embeddings enter through a batch whose `embd` is set (llama_batch_init(n, n_embd, 1)), at most
+n_batch rows per llama_decode. Greedy decoding takes the argmax of the logits (as the reference does);
+sampling runs llama.cpp's sampler chain: temperature -> top-p -> seeded draw, in the reference's order.
+
+llama.cpp's log goes to the Python logger "mobilevlm_ros.llama_cpp" at DEBUG; its recent warnings and
+errors are quoted in the exceptions raised here.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import ModelLoadError, RequestError
+from ..generation import AnswerBuilder, Generation, GenerationParams, TokenCallback
+from ..prompt import PromptIds
+from ..tokenizer import Tokenizer
+from ..vision import ImageEmbedding
+from .base import Decoder, FrameCache
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("mobilevlm_ros.llama_cpp")
+
+PREFIX_SEQ = 0
+DEFAULT_N_BATCH = 512
+
+# --------------------------------------------------------------------------------------------------
+# llama.cpp's log -> Python logging
+
+
+class _LogRouter:
+    """Collects llama.cpp's log fragments into lines, logs them at DEBUG and remembers the recent
+    warnings/errors so that exceptions can quote them."""
+
+    LEVELS = {0: "NONE", 1: "INFO", 2: "WARN", 3: "ERROR", 4: "DEBUG", 5: "CONT"}
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.buf = ""
+        self.level = 1
+        self.problems = collections.deque(maxlen=8)
+        self.callback = None
+
+    def __call__(self, level, text, user_data):
+        try:
+            s = text.decode("utf-8", "replace") if text else ""
+            with self.lock:
+                if level != 5:
+                    if self.buf:
+                        self._emit(self.buf)
+                        self.buf = ""
+                    self.level = level
+                self.buf += s
+                while "\n" in self.buf:
+                    line, self.buf = self.buf.split("\n", 1)
+                    self._emit(line)
+        except Exception:   # never let an exception cross into C
+            pass
+
+    def _emit(self, line):
+        line = line.rstrip()
+        if not line.strip(" ."):
+            return
+        llama_log.debug("[%s] %s", self.LEVELS.get(self.level, self.level), line)
+        if self.level in (2, 3):
+            self.problems.append(line.strip())
+
+    def tail(self, clear=True) -> str:
+        with self.lock:
+            lines = list(self.problems)
+            if clear:
+                self.problems.clear()
+        return ("; llama.cpp said: " + " | ".join(lines[-4:])) if lines else ""
+
+
+_router = _LogRouter()
+_backend_ready = False
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's (and ggml's) log to Python logging at DEBUG; idempotent, process-wide."""
+    global _backend_ready
+    import llama_cpp
+    if _router.callback is None:
+        _router.callback = llama_cpp.llama_log_callback(_router)   # kept alive by the router
+        llama_cpp.llama_log_set(_router.callback, ctypes.c_void_p(0))
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def llama_log_tail() -> str:
+    """Recent llama.cpp warnings/errors, formatted for an exception message ('' if none)."""
+    return _router.tail()
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except Exception as e:
+        raise ModelLoadError(f"the llamacpp decoder needs llama-cpp-python, which does not import: "
+                             f"{type(e).__name__}: {e}") from None
+    return llama_cpp
+
+
+class _Frame:
+    __slots__ = ("seq", "n_pos")
+
+    def __init__(self, seq: int, n_pos: int):
+        self.seq, self.n_pos = seq, n_pos       # n_pos: prefix + image tokens held by the sequence
+
+
+class LlamaCppDecoder(Decoder):
+    name = "llamacpp"
+
+    def __init__(self, model_path, tokenizer: Tokenizer, quant: Optional[str] = None, threads: int = 0,
+                 threads_batch: int = 0, gpu_layers: int = 0, max_cached_frames: int = 4,
+                 n_ctx: int = 0, n_batch: int = DEFAULT_N_BATCH, flash_attn: Optional[bool] = None):
+        """Load a GGUF file. threads/threads_batch 0 = every core this process may use; gpu_layers:
+        layers offloaded to a GPU (needs a CUDA/Metal build; -1 = all); n_ctx 0 = the model's
+        training context (KV cells shared by the prefix, the cached frames and one question)."""
+        self._model = self._ctx = None
+        self._tok_batch = self._emb_batch = None
+        self._closed = True
+        lc = self.lc = _import_llama_cpp()
+        route_llama_logs()
+        self.path = Path(model_path)
+        self.quant = quant
+        self.tok = tokenizer
+        _check_gguf_file(self.path)
+        max_cached_frames = int(max_cached_frames)
+        if max_cached_frames < 1:
+            raise ModelLoadError(f"max_cached_frames must be >= 1, got {max_cached_frames}")
+        n_seq = max_cached_frames + 2
+        if n_seq > lc.llama_max_parallel_sequences():
+            raise ModelLoadError(f"max_cached_frames {max_cached_frames} exceeds llama.cpp's limit of "
+                                 f"{lc.llama_max_parallel_sequences() - 2}")
+        self.threads = int(threads) if threads and threads > 0 else default_threads()
+        self.threads_batch = int(threads_batch) if threads_batch and threads_batch > 0 else self.threads
+        self.gpu_layers = int(gpu_layers)
+
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = self.gpu_layers
+        model = lc.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path}" + llama_log_tail())
+        self._model = model
+        try:
+            self._vocab = lc.llama_model_get_vocab(model)
+            self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+            self.n_embd = int(lc.llama_model_n_embd(model))
+            self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
+            if self.n_vocab < tokenizer.vocab_size:
+                raise ModelLoadError(f"{self.path} has {self.n_vocab} tokens, fewer than the tokenizer's "
+                                     f"{tokenizer.vocab_size}: the GGUF and tokenizer.model do not match")
+            cp = lc.llama_context_default_params()
+            cp.n_ctx = int(n_ctx) if n_ctx and n_ctx > 0 else self.n_ctx_train
+            cp.n_batch = cp.n_ubatch = max(1, int(n_batch))
+            cp.n_seq_max = n_seq
+            cp.n_threads, cp.n_threads_batch = self.threads, self.threads_batch
+            cp.kv_unified = True          # partial seq_cp and shared cells across sequences
+            cp.embeddings = False
+            cp.no_perf = True
+            if flash_attn is not None:
+                cp.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            ctx = lc.llama_init_from_model(model, cp)
+            if not ctx:
+                raise ModelLoadError(f"llama.cpp could not create a context for {self.path} "
+                                     f"(n_ctx {cp.n_ctx}, n_batch {cp.n_batch})" + llama_log_tail())
+            self._ctx = ctx
+            self._mem = lc.llama_get_memory(ctx)
+            self.n_ctx = int(lc.llama_n_ctx(ctx))
+            self.n_batch = int(lc.llama_n_batch(ctx))
+            self._tok_batch = lc.llama_batch_init(self.n_batch, 0, 1)
+            self._emb_batch = lc.llama_batch_init(self.n_batch, self.n_embd, 1)
+        except BaseException:
+            self._free_native()
+            raise
+        self.max_cached_frames = max_cached_frames
+        self.scratch_seq = max_cached_frames + 1
+        self._free_seqs = list(range(1, max_cached_frames + 1))
+        self._frames = FrameCache(max_cached_frames, on_evict=self._evicted)
+        self._prefix: Optional[tuple] = None
+        self._closed = False
+        log.info("llama.cpp decoder: %s (%s), n_ctx %d, n_batch %d, threads %d/%d, gpu layers %d",
+                 self.path.name, quant or "?", self.n_ctx, self.n_batch, self.threads,
+                 self.threads_batch, self.gpu_layers)
+
+    @classmethod
+    def from_artifacts(cls, path, manifest: dict, tokenizer: Tokenizer, opts) -> "LlamaCppDecoder":
+        """The manifest's llm-<opts.quant>.gguf with opts.threads, gpu_layers, max_cached_frames;
+        opts.extra may set "n_ctx", "n_batch" and "threads_batch"."""
+        from ..artifacts import artifact_path
+        quant = str(opts.quant).lower()
+        file = artifact_path(Path(path), manifest, "llm", quant)
+        extra = getattr(opts, "extra", None) or {}
+        dec = cls(file, tokenizer, quant=quant, threads=opts.threads,
+                  threads_batch=int(extra.get("threads_batch", 0) or 0), gpu_layers=opts.gpu_layers,
+                  max_cached_frames=opts.max_cached_frames, n_ctx=int(extra.get("n_ctx", 0) or 0),
+                  n_batch=int(extra.get("n_batch", DEFAULT_N_BATCH) or DEFAULT_N_BATCH))
+        hidden = manifest.get("hidden_size")
+        if hidden is not None and int(hidden) != dec.n_embd:
+            dec.close()
+            raise ModelLoadError(f"{file}: embedding size {dec.n_embd} != hidden_size {hidden} in "
+                                 f"{Path(path) / 'manifest.json'} (GGUF from another model?)")
+        return dec
+
+    # ---------------------------------------------------------------------------------- interface
+
+    def describe(self) -> dict:
+        return {"decoder": self.name, "quant": self.quant, "file": str(self.path),
+                "threads": self.threads, "gpu_layers": self.gpu_layers, "n_ctx": getattr(self, "n_ctx", 0)}
+
+    def close(self) -> None:
+        self._closed = True
+        self._free_native()
+
+    def __del__(self):
+        try:
+            self._free_native()
+        except Exception:
+            pass
+
+    def clear_cache(self) -> None:
+        """Forget the cached prefix and frames (the next question evaluates everything)."""
+        self._check_open()
+        self.lc.llama_memory_clear(self._mem, False)
+        self._frames.on_evict = None
+        self._frames.clear()
+        self._frames.on_evict = self._evicted
+        self._free_seqs = list(range(1, self.max_cached_frames + 1))
+        self._prefix = None
+
+    def cached_frames(self) -> list:
+        """Keys of the frames whose image KV is cached, least recently used first."""
+        return [k[0] for k in self._frames]
+
+    def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
+                 on_token: Optional[TokenCallback] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> Generation:
+        params.validate()
+        self._check_open()
+        embeds = self._check_request(prompt, image)
+        lc = self.lc
+        sampler = None if params.greedy else self._sampler(params)
+        out = AnswerBuilder(self.tok, params, on_token, cancel)
+        scratch = self.scratch_seq
+        try:
+            t0 = time.perf_counter()
+            frame, cached, prefix_ms = self._frame_seq(prompt, image, embeds)
+            t_image = time.perf_counter()
+            lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            lc.llama_memory_seq_cp(self._mem, frame.seq, scratch, -1, -1)
+            pos = frame.n_pos
+            self._decode_tokens(prompt.suffix, scratch, pos, keep=(frame.seq,))
+            pos += len(prompt.suffix)
+            t1 = time.perf_counter()
+            first_token_ms = None
+            if not out.cancelled():
+                while True:
+                    token = self._next_token(sampler)
+                    if first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - t0) * 1e3
+                    if not out.push(token):
+                        break
+                    if pos >= self.n_ctx:
+                        log.warning("answer stopped at the context size (%d positions)", self.n_ctx)
+                        out.finish_reason = "length"
+                        break
+                    self._decode_tokens((token,), scratch, pos, keep=(frame.seq,))
+                    pos += 1
+            t2 = time.perf_counter()
+        finally:
+            if self._ctx is not None:
+                lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            if sampler is not None:
+                lc.llama_sampler_free(sampler)
+        n_img = prompt.image_tokens
+        return Generation(ids=out.ids, text=out.answer(), finish_reason=out.finish_reason,
+                          prompt_tokens=prompt.total, prefill_ms=(t1 - t0) * 1e3,
+                          decode_ms=(t2 - t1) * 1e3, first_token_ms=first_token_ms or 0.0,
+                          cached_prefix_tokens=len(prompt.prefix) + (n_img if cached else 0),
+                          timings={"image_prefill_ms": (t_image - t0) * 1e3,
+                                   "text_prefill_ms": (t1 - t_image) * 1e3,
+                                   "prefix_prefill_ms": prefix_ms,
+                                   "evaluated_prompt_tokens": (len(prompt.prefix) if prefix_ms else 0)
+                                   + (0 if cached else n_img) + len(prompt.suffix)})
+
+    def first_token_logits(self, prompt: PromptIds, image: ImageEmbedding) -> np.ndarray:
+        """float32 [n_vocab] logits of the first answer token (through the same KV cache as
+        generate); for parity checks and scoring fixed answers."""
+        self._check_open()
+        embeds = self._check_request(prompt, image)
+        lc, scratch = self.lc, self.scratch_seq
+        try:
+            frame, _, _ = self._frame_seq(prompt, image, embeds)
+            lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            lc.llama_memory_seq_cp(self._mem, frame.seq, scratch, -1, -1)
+            self._decode_tokens(prompt.suffix, scratch, frame.n_pos, keep=(frame.seq,))
+            ptr = lc.llama_get_logits_ith(self._ctx, -1)
+            if not ptr:
+                raise RequestError("llama.cpp returned no logits" + llama_log_tail())
+            return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        finally:
+            if self._ctx is not None:
+                lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+
+    # ---------------------------------------------------------------------------------- internals
+
+    def _check_open(self):
+        if self._closed or self._ctx is None:
+            raise RequestError("the llama.cpp decoder is closed")
+
+    def _check_request(self, prompt: PromptIds, image: ImageEmbedding) -> np.ndarray:
+        e = image.embeds if isinstance(image, ImageEmbedding) else None
+        if not isinstance(e, np.ndarray) or e.ndim != 2:
+            raise RequestError("image embeddings must be a 2-D float array [image_tokens, hidden], got "
+                               f"{getattr(e, 'shape', type(e).__name__)}")
+        if e.shape[1] != self.n_embd:
+            raise RequestError(f"image embeddings have width {e.shape[1]}, the model's hidden size is "
+                               f"{self.n_embd}")
+        if e.shape[0] != prompt.image_tokens or e.shape[0] == 0:
+            raise RequestError(f"image embeddings have {e.shape[0]} rows, the prompt expects "
+                               f"{prompt.image_tokens} image tokens")
+        if not prompt.prefix or not prompt.suffix:
+            raise RequestError("the prompt needs text before and after the image")
+        for part in (prompt.prefix, prompt.suffix):
+            bad = [t for t in part if not 0 <= int(t) < self.n_vocab]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if prompt.total >= self.n_ctx:
+            raise RequestError(f"the prompt has {prompt.total} tokens ({len(prompt.prefix)} + "
+                               f"{prompt.image_tokens} image + {len(prompt.suffix)}); the context holds "
+                               f"{self.n_ctx}: ask a shorter question")
+        e = np.ascontiguousarray(e, dtype=np.float32)
+        if not np.isfinite(e).all():
+            raise RequestError("image embeddings contain NaN or infinite values")
+        return e
+
+    def _frame_seq(self, prompt: PromptIds, image: ImageEmbedding, embeds: np.ndarray):
+        """The sequence holding prefix + this frame's image tokens; evaluates what is missing."""
+        lc, prefix_ms = self.lc, 0.0
+        if self._prefix != tuple(prompt.prefix):
+            self.clear_cache()
+            t = time.perf_counter()
+            self._decode_tokens(prompt.prefix, PREFIX_SEQ, 0, logits=False)
+            prefix_ms = (time.perf_counter() - t) * 1e3
+            self._prefix = tuple(prompt.prefix)
+        key = (image.key, self._prefix)
+        frame = self._frames.get_fresh(key)
+        if frame is not None:
+            return frame, True, prefix_ms
+        if not self._free_seqs:     # make room: the LRU frame goes
+            old_key = next(iter(self._frames))
+            self._evicted(old_key, self._frames.pop(old_key))
+        seq = self._free_seqs.pop(0)
+        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        lc.llama_memory_seq_cp(self._mem, PREFIX_SEQ, seq, -1, -1)
+        frame = _Frame(seq, len(self._prefix) + embeds.shape[0])
+        try:
+            self._decode_embeds(embeds, seq, len(self._prefix))
+        except BaseException:
+            lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._free_seqs.insert(0, seq)
+            raise
+        self._frames.put(key, frame)
+        return frame, False, prefix_ms
+
+    def _evicted(self, key, frame: _Frame):
+        if self._ctx is not None:
+            self.lc.llama_memory_seq_rm(self._mem, frame.seq, -1, -1)
+        self._free_seqs.append(frame.seq)
+
+    def _decode_tokens(self, ids, seq: int, pos0: int, logits: bool = True, keep=()):
+        """Evaluate token ids into `seq` from position pos0; logits for the last one if asked."""
+        b = self._tok_batch
+        ids = [int(t) for t in ids]
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            if logits and last:
+                b.logits[len(chunk) - 1] = 1
+            b.n_tokens = len(chunk)
+            self._decode(b, seq, keep)
+
+    def _decode_embeds(self, embeds: np.ndarray, seq: int, pos0: int):
+        b = self._emb_batch
+        row = self.n_embd * 4
+        for start in range(0, embeds.shape[0], self.n_batch):
+            chunk = embeds[start:start + self.n_batch]
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.shape[0] * row)
+            for i in range(chunk.shape[0]):
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            b.n_tokens = chunk.shape[0]
+            self._decode(b, seq, keep=())
+
+    def _decode(self, batch, seq: int, keep=()):
+        """llama_decode with KV-full recovery: evict LRU frames (not `seq`, not `keep`) and retry."""
+        protected = {seq, *keep}
+        while True:
+            rc = self.lc.llama_decode(self._ctx, batch)
+            if rc == 0:
+                return
+            if rc == 1:
+                victim = next((k for k, f in self._frames.items() if f.seq not in protected), None)
+                if victim is not None:
+                    log.debug("KV cache full: evicting a cached frame and retrying")
+                    self._evicted(victim, self._frames.pop(victim))
+                    continue
+                raise RequestError(f"the KV cache ({self.n_ctx} cells) is full: the prompt and answer do "
+                                   "not fit; ask for fewer new tokens or load with a larger n_ctx"
+                                   + llama_log_tail())
+            if rc == 2:
+                raise RequestError("llama.cpp evaluation was aborted")
+            raise RequestError(f"llama.cpp could not evaluate the batch (code {rc})" + llama_log_tail())
+
+    def _sampler(self, params: GenerationParams):
+        lc = self.lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(float(params.temperature)))
+        if params.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(float(params.top_p), 1))
+        if params.seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") % lc.LLAMA_DEFAULT_SEED
+        else:   # LLAMA_DEFAULT_SEED itself means "random" to llama.cpp: keep it deterministic
+            seed = params.seed if params.seed != lc.LLAMA_DEFAULT_SEED else params.seed - 1
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    def _next_token(self, sampler) -> int:
+        if sampler is not None:
+            return int(self.lc.llama_sampler_sample(sampler, self._ctx, -1))
+        ptr = self.lc.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise RequestError("llama.cpp returned no logits" + llama_log_tail())
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def _free_native(self):
+        lc = getattr(self, "lc", None)
+        if lc is None:
+            return
+        if self._tok_batch is not None:
+            lc.llama_batch_free(self._tok_batch)
+            self._tok_batch = None
+        if self._emb_batch is not None:
+            lc.llama_batch_free(self._emb_batch)
+            self._emb_batch = None
+        if self._ctx is not None:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Clear errors for the usual broken files before llama.cpp sees them."""
+    if not path.is_file():
+        raise ModelLoadError(f"missing file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r})")
+    if size < 1024:
+        raise ModelLoadError(f"{path} is truncated ({size} bytes)")
+
+
+__all__ = ["LlamaCppDecoder", "route_llama_logs", "llama_log_tail", "default_threads"]

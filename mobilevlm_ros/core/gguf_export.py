@@ -1,0 +1,316 @@
+"""The MobileLLaMA / Vicuna half of a MobileVLM checkpoint -> GGUF files for llama.cpp.
+
+    export_gguf(checkpoint, out_dir, quants=("f16", "q8_0", "q4_k_m")) -> manifest "llm" section
+
+Writes `llm-f16.gguf` with the `gguf` package (architecture "llama"), then derives each quantized file
+from it with llama.cpp's own quantizer (`llama_model_quantize`). The conversion is driven by the
+tensor shapes and the config alone (any hidden size, head dim 64/80/128, GQA), one tensor at a time:
+the checkpoint's weights are memory-mapped and only the tensor being written is held in memory.
+
+What llama.cpp expects that a plain copy would get wrong:
+- Rotary layout. HF LLaMA rotates the two halves of each head (i, i + d/2); llama.cpp's LLaMA graph
+  rotates adjacent pairs (2i, 2i + 1). The rows of q_proj and k_proj are reordered per head so that
+  llama.cpp computes the same attention scores (`permute_qk`). Without it the file loads and runs
+  and answers differently: nothing fails, which is why the tests compare greedy answers.
+- Names: HF `model.layers.N.self_attn.q_proj.weight` -> GGUF `blk.N.attn_q.weight`, and so on.
+- Types: 2-D weights F16, 1-D norm weights F32 (as llama.cpp keeps them in every quantization).
+- Vocabulary: the full SentencePiece model (pieces, scores, token types) so that llama.cpp's own
+  tokenizer agrees with ours; padded with unused tokens up to the embedding's row count.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import gguf  # (an ImportError here tells mobilevlm-export that GGUF export is unavailable)
+
+from .artifacts import gguf_filename, sha256_file
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# quant name -> llama_ftype (llama.h)
+QUANT_FTYPES = {"f16": int(gguf.LlamaFileType.MOSTLY_F16),
+                "q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0),
+                "q4_k_m": int(gguf.LlamaFileType.MOSTLY_Q4_K_M)}
+
+Progress = Callable[[int, int, str], None]
+
+# HF module path inside a decoder layer -> GGUF tensor stem
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some transformers versions saved
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder the rows of a q_proj/k_proj weight [n_heads * head_dim, in] from HF's half-split
+    rotary layout to llama.cpp's interleaved one: within each head, new row 2i is old row i and
+    new row 2i+1 is old row i + head_dim/2."""
+    rows = w.shape[0]
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise ModelLoadError(f"cannot split {rows} rows into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    return np.ascontiguousarray(w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def gguf_tensor_name(hf_name: str) -> Optional[str]:
+    """GGUF name of a published LLM weight; None for weights llama.cpp does not use."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    if hf_name.endswith(_IGNORED_SUFFIXES):
+        return None
+    parts = hf_name.split(".")
+    # model.layers.N.<module path>.weight
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[-1] == "weight":
+        stem = _LAYER_NAMES.get(".".join(parts[3:-1]))
+        if stem:
+            return f"blk.{int(parts[2])}.{stem}.weight"
+    return None
+
+
+def _expected_shapes(cfg) -> dict[str, tuple]:
+    """HF name -> shape the config implies (torch layout [out, in])."""
+    h, ffn, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ModelLoadError(f"hidden_size {h} is not a multiple of num_attention_heads "
+                             f"{cfg.num_attention_heads}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ModelLoadError(f"num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {cfg.num_key_value_heads}")
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
+              "lm_head.weight": (cfg.vocab_size, h)}
+    per_layer = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                 "self_attn.o_proj": (h, q), "mlp.gate_proj": (ffn, h), "mlp.up_proj": (ffn, h),
+                 "mlp.down_proj": (h, ffn), "input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    for i in range(cfg.num_hidden_layers):
+        for mod, shape in per_layer.items():
+            shapes[f"model.layers.{i}.{mod}.weight"] = shape
+    return shapes
+
+
+def _plan(state: dict, cfg) -> list[tuple[str, str]]:
+    """(HF name, GGUF name) for every tensor to write, in llama.cpp's customary order; checks that
+    every weight the config implies is present with the right shape."""
+    shapes = _expected_shapes(cfg)
+    tied = "lm_head.weight" not in state and bool(getattr(cfg, "tie_word_embeddings", False))
+    for name, shape in shapes.items():
+        if name == "lm_head.weight" and tied:
+            continue
+        if name not in state:
+            raise ModelLoadError(f"checkpoint lacks LLM weight '{name}'")
+        if tuple(state[name].shape) != shape:
+            raise ModelLoadError(f"LLM weight '{name}' has shape {tuple(state[name].shape)}, the config "
+                                 f"implies {shape}")
+    for name in state:
+        if name not in shapes and gguf_tensor_name(name) is None and not name.endswith(_IGNORED_SUFFIXES):
+            log.warning("GGUF export: ignoring unexpected LLM weight '%s'", name)
+    order = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_hidden_layers):
+        order += [f"model.layers.{i}.{m}.weight" for m in
+                  ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                   "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                   "mlp.down_proj")]
+    order += ["model.norm.weight"] + ([] if tied else ["lm_head.weight"])
+    return [(n, gguf_tensor_name(n)) for n in order]
+
+
+def _convert(name: str, tensor, cfg) -> np.ndarray:
+    """One checkpoint tensor -> the numpy array written to the GGUF (F32 norms, F16 matrices)."""
+    import torch
+    t = tensor.detach().to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ModelLoadError(f"LLM weight '{name}' holds NaN or infinite values")
+    a = t.numpy()
+    if name.endswith("self_attn.q_proj.weight"):
+        a = permute_qk(a, cfg.num_attention_heads)
+    elif name.endswith("self_attn.k_proj.weight"):
+        a = permute_qk(a, cfg.num_key_value_heads)
+    if a.ndim == 1:
+        return np.ascontiguousarray(a, dtype=np.float32)
+    out = a.astype(np.float16)
+    if not np.isfinite(out).all():
+        big = float(np.abs(a).max())
+        raise ModelLoadError(f"LLM weight '{name}' does not fit in float16 (max |w| = {big:g})")
+    return np.ascontiguousarray(out)
+
+
+def _vocab(tokenizer_path: Path, n_vocab: int):
+    """tokens, scores, token types of a SentencePiece model, padded to n_vocab entries."""
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot read tokenizer {tokenizer_path}: {e}") from None
+    n_sp = sp.get_piece_size()
+    if n_sp > n_vocab:
+        raise ModelLoadError(f"{tokenizer_path} has {n_sp} pieces but the model's vocab_size is {n_vocab}")
+    T = gguf.TokenType
+    tokens, scores, types = [], [], []
+    for i in range(n_sp):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(float(sp.get_score(i)))
+        if sp.is_unknown(i):
+            types.append(int(T.UNKNOWN))
+        elif sp.is_control(i):
+            types.append(int(T.CONTROL))
+        elif sp.is_byte(i):
+            types.append(int(T.BYTE))
+        elif sp.is_unused(i):
+            types.append(int(T.UNUSED))
+        else:
+            types.append(int(T.NORMAL))
+    for i in range(n_sp, n_vocab):      # rows of the embedding the tokenizer never produces
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(T.UNUSED))
+    special = dict(bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(), pad=sp.pad_id())
+    return tokens, scores, types, special, n_sp
+
+
+def _progress_fn(progress) -> Progress:
+    if callable(progress):
+        return progress
+    if progress:   # True: one line per step on stderr (what mobilevlm-export passes when not quiet)
+        def show(step, total, desc):
+            print(f"  gguf [{step}/{total}] {desc}", file=sys.stderr, flush=True)
+        return show
+    return lambda step, total, desc: None
+
+
+def write_f16_gguf(checkpoint, path: Path, progress: Progress = lambda *a: None, step0: int = 0,
+                   total: int = 0) -> int:
+    """Write the F16 GGUF of checkpoint's LLM to `path`; returns the number of steps reported."""
+    cfg = checkpoint.config.llm
+    state = checkpoint.llm_state()
+    plan = _plan(state, cfg)
+    n_vocab = state["model.embed_tokens.weight"].shape[0]
+    tokens, scores, types, special, n_sp = _vocab(checkpoint.tokenizer_path, n_vocab)
+    if n_sp < n_vocab:
+        log.info("GGUF export: padding the vocabulary from %d SentencePiece pieces to %d", n_sp, n_vocab)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(Path(checkpoint.path).name)
+    w.add_file_type(QUANT_FTYPES["f16"])
+    w.add_vocab_size(n_vocab)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    bos = special["bos"] if special["bos"] >= 0 else cfg.bos_token_id
+    eos = special["eos"] if special["eos"] >= 0 else cfg.eos_token_id
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    if special["unk"] >= 0:
+        w.add_unk_token_id(special["unk"])
+    pad = special["pad"] if special["pad"] >= 0 else special["unk"]   # published: pad = unk = 0
+    if pad is not None and pad >= 0:
+        w.add_pad_token_id(pad)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    # Tensor infos first (name, shape, type, size), then the data, one tensor at a time.
+    for hf, gg in plan:
+        shape = tuple(state[hf].shape)
+        if len(shape) == 1:
+            w.add_tensor_info(gg, shape, np.dtype(np.float32), 4 * shape[0])
+        else:
+            w.add_tensor_info(gg, shape, np.dtype(np.float16), 2 * int(np.prod(shape)))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for k, (hf, gg) in enumerate(plan):
+            w.write_tensor_data(_convert(hf, state[hf], cfg))
+            progress(step0 + k + 1, total, f"f16: {gg}")
+    finally:
+        w.close()
+    return len(plan)
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """llama.cpp's quantizer: F16 GGUF `src` -> `dst` in `quant` (q8_0, q4_k_m)."""
+    try:
+        import llama_cpp
+    except Exception as e:
+        raise ModelLoadError(f"quantizing to {quant} needs llama-cpp-python, which does not import: "
+                             f"{type(e).__name__}: {e}") from None
+    from .decoders.llamacpp_decoder import llama_log_tail, route_llama_logs
+    route_llama_logs()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[quant]
+    params.nthread = int(threads)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise ModelLoadError(f"llama.cpp could not quantize {src} to {quant} (code {rc})"
+                             + llama_log_tail())
+
+
+def export_gguf(checkpoint, out_dir, quants=("f16", "q8_0", "q4_k_m"),
+                progress: Union[Progress, bool, None] = None) -> dict:
+    """Export the LLM of `checkpoint` (core.checkpoint.Checkpoint) into out_dir as llm-<quant>.gguf.
+
+    Returns the manifest "llm" section: {quant: {"file", "sha256", "bytes"}} in the order asked.
+    `progress` is a callback progress(step, total, description), True for lines on stderr, or None.
+    Files are written under a temporary name and renamed when complete. The F16 file is the source
+    of the quantized ones; when "f16" is not among `quants` it is deleted at the end.
+    """
+    quants = list(dict.fromkeys(str(q).lower() for q in quants))
+    bad = [q for q in quants if q not in QUANT_FTYPES]
+    if bad or not quants:
+        raise ValueError(f"unknown GGUF quantization {bad or quants} (choose from {', '.join(QUANT_FTYPES)})")
+    report = _progress_fn(progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_tensors = len(_plan(checkpoint.llm_state(), checkpoint.config.llm))
+    others = [q for q in quants if q != "f16"]
+    total = n_tensors + len(others) + len(quants)
+    f16 = out_dir / gguf_filename("f16")
+    tmp = f16.with_name(f16.name + ".tmp")
+    step = write_f16_gguf(checkpoint, tmp, report, 0, total)
+    tmp.replace(f16)
+    for q in others:
+        dst = out_dir / gguf_filename(q)
+        qtmp = dst.with_name(dst.name + ".tmp")
+        try:
+            quantize_gguf(f16, qtmp, q)
+            qtmp.replace(dst)
+        finally:
+            if qtmp.exists():
+                qtmp.unlink()
+        step += 1
+        report(step, total, f"quantized {dst.name}")
+    section = {}
+    for q in quants:
+        p = out_dir / gguf_filename(q)
+        section[q] = {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+        step += 1
+        report(step, total, f"sha256 {p.name}")
+    if "f16" not in quants:
+        f16.unlink()
+    return section
+
+
+__all__ = ["export_gguf", "write_f16_gguf", "quantize_gguf", "permute_qk", "gguf_tensor_name",
+           "QUANT_FTYPES"]
