@@ -1,0 +1,264 @@
+"""mobilevlm-demo: the whole product in one command, over real DDS.
+
+    mobilevlm-demo [--model models/tiny-v2-artifacts] [--question "What do you see?"] [--stream]
+                   [--image-topic /camera/image_raw] [--params-file config/mobilevlm.yaml]
+
+1. starts the node process (`python -m mobilevlm_ros.ros.node`, the same program as
+   `mobilevlm-node`) with the parameters file and model_path;
+2. with no --image-topic, publishes a bundled sample source on the node's camera topic: synthetic
+   moving frames (640x480 rgb8, a drifting gradient with a bouncing square and disc) at ~10 Hz;
+   with --image-topic, remaps the node's default camera to that topic (a real camera);
+3. asks the question through the node's ~/ask service (or the ~/ask_stream action with --stream)
+   and prints the answer, the stamp of the frame it describes and the timings;
+4. shuts the node down (SIGINT, as Ctrl-C would) and checks that it exited cleanly.
+
+Exit status 0 when the question was answered and the node stopped cleanly, 1 otherwise.
+The node runs in the namespace /mobilevlm_demo so it never collides with a node already running.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = "mobilevlm_ros"
+
+
+def find_share_file(rel: str) -> Path | None:
+    """A file of the package: the source tree first, then <prefix>/share/mobilevlm_ros/ of an install."""
+    candidates = [REPO / rel, Path.cwd() / rel]
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) + [sys.prefix]:
+        if prefix:
+            candidates.append(Path(prefix) / "share" / PACKAGE / rel)
+    return next((c for c in candidates if c.exists()), None)
+
+
+class SampleCamera:
+    """Synthetic moving frames: deterministic for a frame index, cheap to make (~10 Hz is easy)."""
+
+    def __init__(self, width: int = 640, height: int = 480):
+        self.w, self.h = width, height
+        y, x = np.mgrid[0:height, 0:width]
+        self.base = np.stack([x * 255 // (width - 1), y * 255 // (height - 1),
+                              np.full_like(x, 96)], axis=-1).astype(np.uint8)
+        yy, xx = np.mgrid[-40:41, -40:41]
+        self.disc = (xx * xx + yy * yy) <= 40 * 40
+
+    def frame(self, i: int) -> np.ndarray:
+        img = np.roll(self.base, 4 * i, axis=1)
+        # a red square bouncing horizontally, a yellow disc bouncing vertically
+        sx = abs((i * 12) % (2 * (self.w - 120)) - (self.w - 120))
+        img[180:300, sx:sx + 120] = (220, 30, 30)
+        cy = 60 + abs((i * 9) % (2 * (self.h - 160)) - (self.h - 160))
+        region = img[cy - 40:cy + 41, 420:501]
+        region[self.disc[:region.shape[0], :region.shape[1]]] = (240, 220, 40)
+        return img
+
+
+def image_msg(pixels: np.ndarray, stamp, frame_id: str = "demo_camera"):
+    from sensor_msgs.msg import Image
+    msg = Image()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = pixels.shape[:2]
+    msg.encoding = "rgb8"
+    msg.is_bigendian = 0
+    msg.step = pixels.shape[1] * 3
+    msg.data = pixels.tobytes()
+    return msg
+
+
+class NodeProcess:
+    """The node as a child process; its log lines are echoed to stderr with a prefix and kept."""
+
+    def __init__(self, cmd, echo: bool = True):
+        self.cmd = cmd
+        self.tail = collections.deque(maxlen=40)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace")
+        self._echo = echo
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+            if self._echo:
+                print(f"  [node] {line.rstrip()}", file=sys.stderr, flush=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return -9
+        self._reader.join(timeout=2.0)
+        return self.proc.returncode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mobilevlm-demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint or artifacts folder (default: models/tiny-v2-artifacts)")
+    ap.add_argument("--question", default="What do you see in this image?")
+    ap.add_argument("--params-file", default=None, help="default: config/mobilevlm.yaml of the package")
+    ap.add_argument("--image-topic", default=None,
+                    help="a real camera's sensor_msgs/Image topic; default: publish synthetic frames")
+    ap.add_argument("--namespace", default="/mobilevlm_demo")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--stream", action="store_true", help="ask through the action, printing tokens")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds for the node to start and answer")
+    ap.add_argument("--quiet", action="store_true", help="do not echo the node's log")
+    a = ap.parse_args(argv)
+
+    # default: the tiny model's export (ONNX Runtime vision + llama.cpp, the product path)
+    model = Path(a.model) if a.model else (find_share_file("models/tiny-v2-artifacts")
+                                           or find_share_file("models/tiny-v2"))
+    if model is None or not model.is_dir():
+        print(f"mobilevlm-demo: model folder not found: {a.model or 'models/tiny-v2'} (pass --model; "
+              f"`mobilevlm-make-tiny` makes a tiny one)", file=sys.stderr)
+        return 1
+    params = Path(a.params_file) if a.params_file else find_share_file("config/mobilevlm.yaml")
+    if params is None or not params.is_file():
+        print(f"mobilevlm-demo: parameters file not found: {a.params_file or 'config/mobilevlm.yaml'}",
+              file=sys.stderr)
+        return 1
+
+    import rclpy
+    from rclpy.action import ActionClient
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from mobilevlm_ros.action import Ask as AskAction
+    from mobilevlm_ros.srv import Ask as AskService
+
+    from .ask_client import format_result, result_dict
+
+    ns = "/" + a.namespace.strip("/")
+    node_name = f"{ns}/mobilevlm"
+    cmd = [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(params),
+           "-p", f"model_path:={model.resolve()}", "-r", f"__ns:={ns}"]
+    if a.image_topic:
+        cmd += ["-r", f"~/front/image:={a.image_topic}"]
+    print(f"mobilevlm-demo: starting the node: {' '.join(cmd)}", file=sys.stderr)
+    node_proc = NodeProcess(cmd, echo=not a.quiet)
+
+    rclpy.init()
+    client_node = rclpy.create_node("mobilevlm_demo_client")
+    executor = SingleThreadedExecutor()
+    executor.add_node(client_node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+
+    published = [0]
+    if not a.image_topic:
+        camera = SampleCamera()
+        pub = client_node.create_publisher(Image, f"{node_name}/front/image", qos_profile_sensor_data)
+
+        def publish_frame():
+            pub.publish(image_msg(camera.frame(published[0]), client_node.get_clock().now().to_msg()))
+            published[0] += 1
+
+        client_node.create_timer(0.1, publish_frame)
+
+    def wait_future(future, deadline) -> bool:
+        done = threading.Event()
+        future.add_done_callback(lambda _f: done.set())
+        while not done.wait(0.2):
+            if time.monotonic() > deadline or not node_proc.alive():
+                return False
+        return True
+
+    code = 1
+    deadline = time.monotonic() + a.timeout
+    try:
+        srv = client_node.create_client(AskService, f"{node_name}/ask")
+        while not srv.wait_for_service(timeout_sec=0.5):
+            if not node_proc.alive():
+                raise RuntimeError(f"the node exited with status {node_proc.proc.returncode} before serving")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node_name}/ask did not appear within {a.timeout:g} s")
+        print(f"mobilevlm-demo: {node_name}/ask is up; asking: {a.question!r}", file=sys.stderr)
+        while True:
+            req = AskService.Request()
+            req.question, req.max_new_tokens, req.temperature = a.question, a.max_new_tokens, 0.0
+            if a.stream:
+                action = ActionClient(client_node, AskAction, f"{node_name}/ask_stream")
+                if not action.wait_for_server(timeout_sec=max(0.1, deadline - time.monotonic())):
+                    raise RuntimeError(f"{node_name}/ask_stream not found")
+                goal = AskAction.Goal()
+                goal.question, goal.max_new_tokens, goal.temperature = a.question, a.max_new_tokens, 0.0
+                shown = [""]
+
+                def on_feedback(fb):
+                    text = fb.feedback.text
+                    sys.stdout.write(text[len(shown[0]):] if text.startswith(shown[0]) else "\rA: " + text)
+                    sys.stdout.flush()
+                    shown[0] = text
+
+                sys.stdout.write(f"Q: {a.question}\nA: ")
+                sys.stdout.flush()
+                gf = action.send_goal_async(goal, feedback_callback=on_feedback)
+                if not wait_future(gf, deadline) or not gf.result().accepted:
+                    raise RuntimeError("the goal was not accepted")
+                rf = gf.result().get_result_async()
+                if not wait_future(rf, deadline):
+                    raise RuntimeError("no result from the action")
+                if shown[0]:
+                    sys.stdout.write("\n")
+                res = result_dict(rf.result().result)
+            else:
+                future = srv.call_async(req)
+                if not wait_future(future, deadline):
+                    raise RuntimeError(f"no answer from {node_name}/ask within {a.timeout:g} s")
+                res = result_dict(future.result())
+            if not res["success"] and "no frame" in res["error"] and time.monotonic() < deadline:
+                time.sleep(0.5)         # the node is up but has not received a frame yet
+                continue
+            break
+        text = format_result(res)
+        if a.stream and res["success"]:
+            text = text.split("\n", 1)[1]
+        else:
+            text = f"Q: {a.question}\nA: {text}"
+        print(text)
+        if not a.image_topic:
+            print(f"[{published[0]} sample frames published]")
+        code = 0 if res["success"] else 1
+    except RuntimeError as e:
+        print(f"mobilevlm-demo: {e}", file=sys.stderr)
+        if not node_proc.alive() and a.quiet:
+            print("\n".join(node_proc.tail), file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mobilevlm-demo: interrupted", file=sys.stderr)
+    finally:
+        rc = node_proc.stop()
+        executor.shutdown(timeout_sec=2.0)
+        client_node.destroy_node()
+        rclpy.try_shutdown()
+        spinner.join(timeout=2.0)
+    if rc != 0:
+        print(f"mobilevlm-demo: the node exited with status {rc}", file=sys.stderr)
+        code = 1
+    else:
+        print("mobilevlm-demo: node stopped cleanly", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Camera frames and their image embeddings: the newest-frame slot, the per-camera embedding cache,
+and the policy that picks the frame a question is answered about.
+
+Pure Python (numpy, no rclpy), so replay and benchmark tools reuse it with frames from a bag.
+
+Per camera (`CameraFrames`):
+- a *pending* slot holding the newest received frame that is not encoded yet. A newer frame
+  replaces it (latest frame wins) and counts as a drop, so the image callback is O(1);
+- the embeddings of the last K encoded frames, with their headers (`frame_cache_size`).
+
+`FrameStore.encode_pending(model)` (the node's vision worker) takes the pending frame of every
+camera, decodes compressed ones, and encodes them in one batched `model.encode` call.
+`select_frame` picks the frame for a question: the newest encoded frame, or the cached frame
+closest to a requested stamp; a frame still pending is used (and encoded on demand by
+`FrameStore.encode_frame`) only when no encoded frame qualifies. Frames older than
+`max_frame_age_s` relative to the question's arrival time are never used.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ..core.errors import ImageError, MobileVLMError
+
+NS = 1_000_000_000
+FUTURE_TOLERANCE_S = 1.0    # requested stamps up to this far ahead of the node clock are accepted
+
+_seq = itertools.count(1)
+
+
+class FrameUnavailable(MobileVLMError):
+    """No frame satisfies the question (no frame yet, too old, bad requested stamp)."""
+
+
+@dataclass
+class Frame:
+    """A received frame, not encoded yet: raw pixels or compressed bytes."""
+    camera: str
+    header: Any                       # std_msgs/Header as received (copied into answers)
+    stamp_ns: int                     # header stamp; the receive time when the stamp is zero
+    received_ns: int                  # node clock at reception
+    pixels: Optional[np.ndarray] = None   # uint8 HxW / HxWxC (raw images)
+    channel_order: str = "rgb"
+    compressed: Any = None            # bytes-like JPEG/PNG (compressed images)
+    fmt: str = ""
+    seq: int = field(default_factory=lambda: next(_seq))
+    received_mono: float = field(default_factory=time.monotonic)
+
+    @property
+    def encoded(self) -> bool:
+        return False
+
+
+@dataclass
+class CachedFrame:
+    """An encoded frame: its header and its image embedding (core.vision.ImageEmbedding)."""
+    camera: str
+    header: Any
+    stamp_ns: int
+    received_ns: int
+    embedding: Any
+    vision_ms: float
+    seq: int
+
+    @property
+    def encoded(self) -> bool:
+        return True
+
+
+AnyFrame = Union[Frame, CachedFrame]
+
+
+def decode_frame(frame: Frame) -> Tuple[np.ndarray, str]:
+    """Pixels ready for model.encode: (uint8 array, channel order). Compressed frames are decoded
+    here (in the vision worker, not in the image callback). Raises ImageError."""
+    if frame.pixels is not None:
+        return np.ascontiguousarray(frame.pixels), frame.channel_order
+    if frame.compressed is None:
+        raise ImageError("frame has neither pixels nor compressed data")
+    from .conversion import compressed_to_rgb
+    return compressed_to_rgb(frame.fmt, frame.compressed), "rgb"
+
+
+@dataclass
+class CameraStats:
+    received: int = 0
+    encoded: int = 0
+    dropped: int = 0            # replaced in the pending slot before the vision worker took them
+    rejected: int = 0           # failed validation or decoding
+    last_reject: str = ""
+    vision_ms: float = 0.0      # encode time of the last frame (per frame, batch share)
+    vision_ms_avg: float = 0.0  # exponential moving average
+    latency_ms: float = 0.0     # reception -> embedding cached, last frame
+    latest_stamp_ns: int = 0    # newest frame received
+    latest_received_ns: int = 0
+
+
+class CameraFrames:
+    """One camera's pending frame, embedding cache and counters. Not locked: FrameStore locks."""
+
+    def __init__(self, name: str, cache_size: int):
+        self.name = name
+        self.pending: Optional[Frame] = None
+        self.cache: deque[CachedFrame] = deque(maxlen=max(1, int(cache_size)))
+        self.stats = CameraStats()
+
+    def offer(self, frame: Frame) -> bool:
+        """Store the newest frame; True when it replaced a frame that was never encoded."""
+        dropped = self.pending is not None
+        self.pending = frame
+        self.stats.received += 1
+        self.stats.dropped += int(dropped)
+        self.stats.latest_stamp_ns = frame.stamp_ns
+        self.stats.latest_received_ns = frame.received_ns
+        return dropped
+
+    def candidates(self) -> List[AnyFrame]:
+        out: List[AnyFrame] = list(self.cache)
+        if self.pending is not None:
+            out.append(self.pending)
+        return out
+
+    def find(self, seq: int) -> Optional[CachedFrame]:
+        for c in self.cache:
+            if c.seq == seq:
+                return c
+        return None
+
+
+def _age_s(now_ns: int, stamp: int) -> float:
+    return (now_ns - stamp) / NS
+
+
+def check_requested_stamp(stamp_ns: int, now_ns: int, max_age_s: float,
+                          future_tolerance_s: float = FUTURE_TOLERANCE_S) -> None:
+    """Reject a requested frame time in the future or older than max_frame_age_s (0 = no limit)."""
+    if stamp_ns == 0:
+        return
+    ahead = -_age_s(now_ns, stamp_ns)
+    if ahead > future_tolerance_s:
+        raise FrameUnavailable(f"requested stamp {stamp_ns / NS:.3f} is in the future: {ahead:.3f} s ahead "
+                               f"of the node clock ({now_ns / NS:.3f})")
+    age = _age_s(now_ns, stamp_ns)
+    if max_age_s > 0 and age > max_age_s:
+        raise FrameUnavailable(f"requested stamp {stamp_ns / NS:.3f} is too old: {age:.3f} s before the node "
+                               f"clock, beyond max_frame_age_s {max_age_s:g}")
+
+
+def select_frame(candidates: Iterable[AnyFrame], camera: str, now_ns: int, max_age_s: float,
+                 stamp_ns: int = 0) -> AnyFrame:
+    """The frame to answer about.
+
+    stamp_ns == 0: the newest encoded frame that is fresh enough; else the newest pending frame if
+    it is fresh enough (it will be encoded on demand). stamp_ns != 0: the frame (encoded first on a
+    tie) whose stamp is closest to it, if fresh enough. Fresh enough: at most max_age_s old at
+    now_ns (max_age_s <= 0: no limit). Raises FrameUnavailable with the reason.
+    """
+    frames = list(candidates)
+    if not frames:
+        raise FrameUnavailable(f"no frame received yet from camera '{camera}'")
+
+    def fresh(f: AnyFrame) -> bool:
+        return max_age_s <= 0 or _age_s(now_ns, f.stamp_ns) <= max_age_s
+
+    if stamp_ns:
+        best = min(frames, key=lambda f: (abs(f.stamp_ns - stamp_ns), not f.encoded, -f.seq))
+        if fresh(best):
+            return best
+    else:
+        for group in ([f for f in frames if f.encoded], [f for f in frames if not f.encoded]):
+            if group:
+                best = max(group, key=lambda f: (f.stamp_ns, f.seq))
+                if fresh(best):
+                    return best
+    latest = max(frames, key=lambda f: (f.stamp_ns, f.seq))
+    raise FrameUnavailable(f"no frame newer than {max_age_s:g} s from camera '{camera}' "
+                           f"(latest is {_age_s(now_ns, latest.stamp_ns):.3f} s old)")
+
+
+class FrameStore:
+    """Every camera's frames behind one lock, plus the vision lock that serialises model.encode."""
+
+    def __init__(self, cameras: Iterable[str], cache_size: int):
+        self.cameras: Dict[str, CameraFrames] = {c: CameraFrames(c, cache_size) for c in cameras}
+        if not self.cameras:
+            raise ValueError("at least one camera is needed")
+        self.default = next(iter(self.cameras))
+        self._lock = threading.Lock()
+        self._has_pending = threading.Condition(self._lock)
+        self.vision_lock = threading.Lock()
+        self.encode_errors = 0
+        self.last_encode_error = ""
+
+    # ------------------------------------------------------------------ image callbacks
+    def offer(self, frame: Frame) -> bool:
+        """O(1): keep the newest frame of its camera, wake the vision worker. True if one was dropped."""
+        with self._lock:
+            dropped = self.cameras[frame.camera].offer(frame)
+            self._has_pending.notify_all()
+        return dropped
+
+    def reject(self, camera: str, reason: str, received: bool = True) -> None:
+        """Count a frame that failed validation (received=True: in the image callback, not offered)
+        or decoding (received=False: it was already counted when offered)."""
+        with self._lock:
+            st = self.cameras[camera].stats
+            st.received += int(received)
+            st.rejected += 1
+            st.last_reject = reason
+
+    # ------------------------------------------------------------------ vision worker
+    def wait_pending(self, timeout: float) -> bool:
+        """Block until some camera has a pending frame (True) or the timeout passes (False)."""
+        with self._lock:
+            if any(c.pending is not None for c in self.cameras.values()):
+                return True
+            self._has_pending.wait(timeout)
+            return any(c.pending is not None for c in self.cameras.values())
+
+    def wake(self) -> None:
+        with self._lock:
+            self._has_pending.notify_all()
+
+    def encode_pending(self, model) -> List[CachedFrame]:
+        """Encode the pending frame of every camera in one model.encode call; returns what was cached.
+        Frames that cannot be decoded are counted as rejected and skipped."""
+        with self.vision_lock:
+            with self._lock:
+                taken = [c.pending for c in self.cameras.values() if c.pending is not None]
+                for c in self.cameras.values():
+                    c.pending = None
+            return self._encode(model, taken)
+
+    def encode_frame(self, model, frame: AnyFrame) -> Tuple[CachedFrame, bool]:
+        """The cached frame for `frame`, encoding it now if nobody has. Returns (cached, encoded_now).
+        Raises ImageError when the frame cannot be decoded or encoded."""
+        if frame.encoded:
+            return frame, False
+        with self.vision_lock:
+            with self._lock:
+                cam = self.cameras[frame.camera]
+                done = cam.find(frame.seq)
+                if done is not None:
+                    return done, False
+                if cam.pending is not None and cam.pending.seq == frame.seq:
+                    cam.pending = None
+            cached = self._encode(model, [frame], raise_errors=True)
+            return cached[0], True
+
+    def _encode(self, model, frames: List[Frame], raise_errors: bool = False) -> List[CachedFrame]:
+        ready: List[Tuple[Frame, np.ndarray]] = []
+        for f in frames:
+            try:
+                pixels, order = decode_frame(f)
+                # one channel order per batch: turn BGR into RGB here (cheap, contiguous copy)
+                if order == "bgr" and pixels.ndim == 3:
+                    pixels = np.ascontiguousarray(pixels[:, :, 2::-1])
+                elif pixels.ndim == 3 and pixels.shape[2] == 4:
+                    pixels = np.ascontiguousarray(pixels[:, :, :3])
+                ready.append((f, pixels))
+            except ImageError as e:
+                self.reject(f.camera, str(e), received=False)
+                if raise_errors:
+                    raise
+        if not ready:
+            return []
+        try:
+            embeddings = model.encode([p for _, p in ready], "rgb")
+        except Exception as e:
+            with self._lock:
+                self.encode_errors += 1
+                self.last_encode_error = f"{type(e).__name__}: {e}"
+            if raise_errors:
+                raise ImageError(f"vision encoder failed: {e}") from e
+            raise
+        done_mono = time.monotonic()
+        out = []
+        with self._lock:
+            for (f, _), emb in zip(ready, embeddings):
+                c = CachedFrame(f.camera, f.header, f.stamp_ns, f.received_ns, emb,
+                                float(getattr(emb, "vision_ms", 0.0)), f.seq)
+                cam = self.cameras[f.camera]
+                cam.cache.append(c)
+                st = cam.stats
+                st.encoded += 1
+                st.vision_ms = c.vision_ms
+                st.vision_ms_avg = c.vision_ms if st.encoded == 1 else 0.8 * st.vision_ms_avg + 0.2 * c.vision_ms
+                st.latency_ms = (done_mono - f.received_mono) * 1e3
+                out.append(c)
+        return out
+
+    # ------------------------------------------------------------------ questions
+    def select(self, camera: str, now_ns: int, max_age_s: float, stamp_ns: int = 0) -> AnyFrame:
+        """Validate the requested stamp and pick the frame (see select_frame). Raises FrameUnavailable."""
+        check_requested_stamp(stamp_ns, now_ns, max_age_s)
+        with self._lock:
+            candidates = self.cameras[camera].candidates()
+        return select_frame(candidates, camera, now_ns, max_age_s, stamp_ns)
+
+    def latest_cached(self, camera: str) -> Optional[CachedFrame]:
+        with self._lock:
+            cache = self.cameras[camera].cache
+            return cache[-1] if cache else None
+
+    def stats(self) -> Dict[str, CameraStats]:
+        """A consistent copy of every camera's counters."""
+        with self._lock:
+            return {n: CameraStats(**vars(c.stats)) for n, c in self.cameras.items()}
+
+    def clear(self) -> None:
+        """Forget pending and cached frames (counters are kept)."""
+        with self._lock:
+            for c in self.cameras.values():
+                c.pending = None
+                c.cache.clear()
