@@ -1,0 +1,198 @@
+"""mobilevlm-make-bag: write a rosbag2 bag of synthetic camera frames (deterministic moving shapes).
+
+    mobilevlm-make-bag OUT [--storage sqlite3|mcap] [--seconds S] [--rate HZ] [--cameras front,rear]
+                       [--compressed [jpeg|png]] [--encoding rgb8|bgr8|rgba8|bgra8|mono8]
+                       [--size 640x480] [--start SEC] [--latency-ms MS]
+
+One topic per camera: /<camera>/image_raw (sensor_msgs/msg/Image) or, with --compressed,
+/<camera>/image_raw/compressed (sensor_msgs/msg/CompressedImage, format "rgb8; jpeg compressed bgr8"
+or "rgb8; png compressed rgb8"). Frame k of camera i has header.stamp = start + k/rate + i/(rate x
+cameras) (the cameras interleave) and is recorded latency-ms later (the bag time). Frames show a
+per-camera gradient, a moving disc, a bouncing square and the frame number as a 16-bit bar code on the
+top rows. Same arguments, same bytes. Errors: exit code 2 with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
+from ..core.errors import MobileVLMError
+
+NS = 1_000_000_000
+DEFAULT_START_S = 1_700_000_000.0      # a fixed, plausible wall-clock time: same args, same bag
+ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+PROGRESS_MIN_FRAMES = 200              # a progress bar from this many frames on (on a terminal)
+BAR_BITS = 16
+_PALETTE = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 200, 30), (200, 60, 220), (30, 210, 210)]
+
+
+def topic_for(camera: str, compressed: bool) -> str:
+    return f"/{camera}/image_raw" + ("/compressed" if compressed else "")
+
+
+def frame_id_for(camera: str) -> str:
+    return f"{camera}_camera_optical_frame"
+
+
+def render_frame(camera_index: int, k: int, rate: float, width: int, height: int) -> np.ndarray:
+    """Frame k of camera `camera_index`: uint8 HxWx3 RGB."""
+    t = k / rate
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.empty((height, width, 3), np.uint8)
+    img[..., 0] = (x * 200 // max(width - 1, 1)).astype(np.uint8)
+    img[..., 1] = (y * 200 // max(height - 1, 1)).astype(np.uint8)
+    img[..., 2] = (40 + 70 * camera_index) % 256
+    # a disc moving left and right
+    cx = width * (0.5 + 0.35 * math.sin(2 * math.pi * t / 4.0 + camera_index))
+    cy = height * (0.55 + 0.15 * math.cos(2 * math.pi * t / 3.0))
+    r = max(2.0, min(width, height) / 7)
+    img[(x - cx) ** 2 + (y - cy) ** 2 <= r * r] = _PALETTE[camera_index % len(_PALETTE)]
+    # a square bouncing up and down
+    side = max(2, min(width, height) // 6)
+    phase = (t / 2.5 + 0.3 * camera_index) % 2.0
+    top = int((phase if phase < 1 else 2 - phase) * (height - side))
+    left = int(width * 0.15)
+    img[top:top + side, left:left + side] = _PALETTE[(camera_index + 3) % len(_PALETTE)]
+    # frame number as a bar code on the top rows (white = 1)
+    bar_h = max(1, height // 16)
+    cell = width / BAR_BITS
+    for bit in range(BAR_BITS):
+        val = 255 if (k >> (BAR_BITS - 1 - bit)) & 1 else 0
+        img[:bar_h, int(bit * cell):int((bit + 1) * cell)] = val
+    return img
+
+
+def _encode_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "rgb8":
+        return rgb
+    if encoding == "bgr8":
+        return rgb[:, :, ::-1]
+    if encoding in ("rgba8", "bgra8"):
+        c = rgb if encoding == "rgba8" else rgb[:, :, ::-1]
+        return np.concatenate([c, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    from PIL import Image       # mono8: ITU-R 601 luma
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def compress(rgb: np.ndarray, kind: str, quality: int = 90) -> tuple:
+    """(bytes, format string) as compressed_image_transport writes them."""
+    from PIL import Image
+    buf = io.BytesIO()
+    if kind == "png":
+        Image.fromarray(rgb).save(buf, format="PNG")
+        return buf.getvalue(), "rgb8; png compressed rgb8"
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "rgb8; jpeg compressed bgr8"
+
+
+def frame_times(cameras, seconds: float, rate: float, start_ns: int, latency_ns: int = 0):
+    """[(bag time ns, stamp ns, camera index, k)] in bag time order."""
+    n = max(1, int(round(seconds * rate)))
+    period = NS / rate
+    out = []
+    for ci in range(len(cameras)):
+        for k in range(n):
+            stamp = start_ns + int(round(k * period + ci * period / len(cameras)))
+            out.append((stamp + latency_ns, stamp, ci, k))
+    out.sort()
+    return out
+
+
+def make_bag(out, *, storage: str = "mcap", seconds: float = 5.0, rate: float = 10.0,
+             cameras=("front", "rear"), compressed: Optional[str] = None, encoding: str = "rgb8",
+             size=(640, 480), start_s: float = DEFAULT_START_S, latency_ms: float = 0.0,
+             jpeg_quality: int = 90, progress: Optional[bool] = None) -> dict:
+    """Write the bag; returns {topic: [(bag time ns, stamp ns, k), ...]} plus the arguments used.
+    progress: None = a bar on a terminal for long bags, False = never, True = always."""
+    cameras = list(cameras)
+    if not cameras or any(not c or "/" in c or not c.replace("_", "").isalnum() for c in cameras):
+        raise BagError(f"camera names must be non-empty [A-Za-z0-9_] words, got {cameras}")
+    if len(set(cameras)) != len(cameras):
+        raise BagError(f"camera names repeat: {cameras}")
+    if not (seconds > 0 and rate > 0 and math.isfinite(seconds) and math.isfinite(rate)):
+        raise BagError(f"--seconds and --rate must be positive, got {seconds} and {rate}")
+    width, height = size
+    if not (1 <= width <= 8192 and 1 <= height <= 8192):
+        raise BagError(f"--size must be within 1x1..8192x8192, got {width}x{height}")
+    if encoding not in ENCODINGS:
+        raise BagError(f"unknown encoding '{encoding}' (choose from {', '.join(ENCODINGS)})")
+    if compressed not in (None, "jpeg", "png"):
+        raise BagError(f"unknown compression '{compressed}' (choose jpeg or png)")
+    if latency_ms < 0:
+        raise BagError(f"--latency-ms must be >= 0, got {latency_ms}")
+    start_ns = int(round(start_s * NS))
+    times = frame_times(cameras, seconds, rate, start_ns, int(round(latency_ms * 1e6)))
+    topics = {c: topic_for(c, compressed is not None) for c in cameras}
+    written = {t: [] for t in topics.values()}
+
+    from tqdm import tqdm
+    disable = (not progress) if progress is not None else (True if len(times) < PROGRESS_MIN_FRAMES else None)
+    with BagWriter(out, storage) as bag:
+        for cam in cameras:                # connections in camera order
+            bag.connection(topics[cam], COMPRESSED if compressed else IMAGE)
+        for bag_ns, stamp, ci, k in tqdm(times, desc=f"writing {Path(out).name}", unit="frame",
+                                         disable=disable, file=sys.stderr):
+            cam = cameras[ci]
+            rgb = render_frame(ci, k, rate, width, height)
+            if compressed:
+                data, fmt = compress(rgb, compressed, jpeg_quality)
+                msg = bag.compressed(stamp, frame_id_for(cam), data, fmt)
+                bag.write(topics[cam], COMPRESSED, bag_ns, msg)
+            else:
+                msg = bag.image(stamp, frame_id_for(cam), _encode_pixels(rgb, encoding), encoding)
+                bag.write(topics[cam], IMAGE, bag_ns, msg)
+            written[topics[cam]].append((bag_ns, stamp, k))
+    return {"path": str(out), "storage": storage, "topics": topics, "frames": written,
+            "rate": rate, "size": [width, height], "compressed": compressed, "encoding": encoding}
+
+
+def _size(text: str):
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got '{text}'") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mobilevlm-make-bag", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("out", help="bag folder to create (must not exist)")
+    ap.add_argument("--storage", choices=STORAGES, default="mcap")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rate", type=float, default=10.0, help="frames per second per camera")
+    ap.add_argument("--cameras", default="front,rear", help="comma-separated camera names")
+    ap.add_argument("--compressed", nargs="?", const="jpeg", choices=("jpeg", "png"), default=None,
+                    help="write sensor_msgs/CompressedImage (default jpeg)")
+    ap.add_argument("--jpeg-quality", type=int, default=90)
+    ap.add_argument("--encoding", choices=ENCODINGS, default="rgb8", help="raw image encoding")
+    ap.add_argument("--size", type=_size, default=(640, 480), help="WIDTHxHEIGHT")
+    ap.add_argument("--start", type=float, default=DEFAULT_START_S, help="stamp of the first frame, s")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="bag time minus header stamp")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        info = make_bag(a.out, storage=a.storage, seconds=a.seconds, rate=a.rate,
+                        cameras=[c.strip() for c in a.cameras.split(",") if c.strip()],
+                        compressed=a.compressed, encoding=a.encoding, size=a.size, start_s=a.start,
+                        latency_ms=a.latency_ms, jpeg_quality=a.jpeg_quality,
+                        progress=False if a.no_progress else None)
+    except MobileVLMError as e:
+        print(f"mobilevlm-make-bag: {e}", file=sys.stderr)
+        return 2
+    n = sum(len(v) for v in info["frames"].values())
+    print(f"wrote {a.out} ({a.storage}): {n} frames on " + ", ".join(info["topics"].values()),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
