@@ -1,0 +1,1 @@
+"""Benchmarks behind `mobilevlm-bench` (tools/bench.py): one module per sub-benchmark, each with main(argv)."""

@@ -1,0 +1,429 @@
+"""Decoder speed per GGUF quantization: our llama.cpp decoder beside llama.cpp's own loop, one run.
+
+    mobilevlm-bench decoder --model CKPT|ARTIFACTS [--quants q4_k_m,q8_0,f16] [--threads N]
+                            [--tokens 32] [--repeats 3] [--warmup 1] [--n-ctx 0] [--out DIR]
+
+A checkpoint is exported to GGUF first (OUT/gguf, reused while the checkpoint is unchanged); an
+artifacts folder's GGUF files are used as they are. Each quantization runs in a child process of its
+own (so that its peak RSS is its own) and measures, with synthetic image embeddings (144 tokens of
+the model's width; the decoder's cost does not depend on their values):
+
+  prompt eval tok/s   a question about a new frame: image tokens + question text evaluated, prefix cached
+  decode tok/s        --tokens generated with EOS ignored (min_new_tokens), one frame cached: the
+                      (tokens - 1) single-token evaluations / decode time
+  decode, 4 cached    the same with max_cached_frames (4) frames in the KV cache
+  TTFT cached frame   first token of a question about a frame already evaluated (text only)
+  TTFT new frame      ... about a new frame (image + text; prefix reused)
+  TTFT no reuse       ... with nothing cached (prefix + image + text: what re-encoding pipelines pay)
+  llama.cpp pp / tg   llama.cpp's own speed on the same file, same threads, same process: a plain loop
+                      of llama_decode calls (the same image embeddings + text in n_batch chunks, then
+                      1-token batches with llama.cpp's greedy sampler), no caching, no Python per token
+  ratio               our decode tok/s / llama.cpp tg tok/s (target >= 0.95)
+  peak RSS            VmHWM of the child after our decoder's runs, before llama.cpp's own context
+
+Every figure is the median over --repeats timed runs after --warmup untimed ones, with min and max;
+ours and llama.cpp's runs alternate so that background load hits both alike. Prints a markdown table;
+writes OUT/decoder.json and OUT/decoder.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUANTS = ("q4_k_m", "q8_0", "f16")
+QUESTIONS = ("What objects are on the table in front of the robot?",
+             "Is the door open or closed?",
+             "Describe the scene in detail.")
+IMAGE_TOKENS = 144
+
+from .common import peak_rss_mb, stats, write_results
+
+# ------------------------------------------------------------------------------------ helpers
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "load_avg_start": round(os.getloadavg()[0], 2)}
+    try:
+        import llama_cpp
+        info["llama_cpp_python"] = llama_cpp.__version__
+        info["llama_cpp_system"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception:
+        pass
+    return info
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run_child(job: dict, timeout: float) -> dict:
+    """Run this module as a worker on `job`; its JSON result."""
+    with tempfile.TemporaryDirectory(prefix="mobilevlm-bench-") as tmp:
+        jf, rf = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        jf.write_text(json.dumps(job), encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.bench.decoder", "--worker", str(jf),
+                               str(rf)], env=_child_env(), timeout=timeout)
+        if proc.returncode != 0 or not rf.is_file():
+            raise RuntimeError(f"benchmark worker for {job.get('kind')} {job.get('quant', '')} failed "
+                               f"(exit code {proc.returncode})")
+        return json.loads(rf.read_text(encoding="utf-8"))
+
+
+def _log(msg: str) -> None:
+    print(f"[bench decoder] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ GGUF files
+
+def _checkpoint_key(model: Path) -> dict:
+    from ..core.artifacts import sha256_file
+    from ..core.checkpoint import weight_files
+    return {"config_sha256": sha256_file(model / "config.json"),
+            "tokenizer_sha256": sha256_file(model / "tokenizer.model"),
+            "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weight_files(model)]}
+
+
+def ensure_gguf(model: Path, gguf_dir: Path, quants, timeout: float) -> tuple[dict, Path, dict]:
+    """(llm section {quant: entry}, folder holding the files, export info) for --model."""
+    from ..core.artifacts import MANIFEST, read_manifest
+    if (model / MANIFEST).is_file():
+        m = read_manifest(model)
+        section = m.get("llm") or {}
+        missing = [q for q in quants if q not in section]
+        if missing:
+            raise SystemExit(f"mobilevlm-bench decoder: {model} has no GGUF for {', '.join(missing)} "
+                             f"(exported: {', '.join(section) or 'none'})")
+        return section, model, {"source": "artifacts", "cached": True}
+    key = _checkpoint_key(model)
+    meta = gguf_dir / "export.json"
+    section, info = {}, {}
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text(encoding="utf-8"))
+            if old.get("key") == key:
+                section = {q: e for q, e in old.get("llm", {}).items()
+                           if (gguf_dir / e["file"]).is_file()
+                           and (gguf_dir / e["file"]).stat().st_size == e["bytes"]}
+                info = old.get("export", {})
+        except (ValueError, KeyError, TypeError):
+            section = {}
+    todo = [q for q in quants if q not in section]
+    if not todo:
+        _log(f"reusing the GGUF files in {gguf_dir}")
+        return section, gguf_dir, {**info, "cached": True}
+    _log(f"exporting {model} -> {gguf_dir} ({', '.join(todo)}) ...")
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    res = _run_child({"kind": "export", "model": str(model), "out": str(gguf_dir), "quants": todo}, timeout)
+    section.update(res["llm"])
+    info = {"seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"], "quants": todo}
+    meta.write_text(json.dumps({"key": key, "llm": section, "export": info}, indent=2), encoding="utf-8")
+    return section, gguf_dir, {**info, "cached": False}
+
+
+# ------------------------------------------------------------------------------------ workers
+
+def _worker_export(job: dict) -> dict:
+    from ..core.checkpoint import load_checkpoint
+    from ..core.gguf_export import export_gguf
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(step, total, desc):
+        if time.perf_counter() - last[0] > 10 or step == total:
+            last[0] = time.perf_counter()
+            _log(f"  export {step}/{total} {desc}")
+    section = export_gguf(load_checkpoint(job["model"]), job["out"], job["quants"], progress)
+    return {"llm": section, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+
+
+class PureLlama:
+    """llama.cpp's own speed: one plain context on the same model, a loop of llama_decode calls."""
+
+    def __init__(self, lc, model, n_embd: int, threads: int, n_ctx: int, n_batch: int):
+        self.lc = lc
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = lc.llama_init_from_model(model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create the reference context")
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.n_batch, self.n_embd = n_batch, n_embd
+        self.tok = lc.llama_batch_init(n_batch, 0, 1)
+        self.emb = lc.llama_batch_init(n_batch, n_embd, 1)
+        self.greedy = lc.llama_sampler_init_greedy()
+
+    def _tokens(self, ids, pos0, last_logits):
+        b, lc = self.tok, self.lc
+        for s in range(0, len(ids), self.n_batch):
+            chunk = ids[s:s + self.n_batch]
+            for i, t in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + s + i, 1, 0
+                b.seq_id[i][0] = 0
+            b.logits[len(chunk) - 1] = int(last_logits and s + len(chunk) == len(ids))
+            b.n_tokens = len(chunk)
+            if lc.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed in the reference loop")
+
+    def _embeds(self, e, pos0):
+        b, lc = self.emb, self.lc
+        for s in range(0, e.shape[0], self.n_batch):
+            chunk = e[s:s + self.n_batch]
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
+            for i in range(chunk.shape[0]):
+                b.pos[i], b.n_seq_id[i], b.logits[i] = pos0 + s + i, 1, 0
+                b.seq_id[i][0] = 0
+            b.n_tokens = chunk.shape[0]
+            if lc.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed in the reference loop")
+
+    def run(self, prefix, embeds, suffix, n_gen: int) -> dict:
+        """Prefix (untimed), then timed: image + suffix (pp), n_gen greedy tokens (tg)."""
+        lc = self.lc
+        lc.llama_memory_clear(self.mem, True)
+        self._tokens(list(prefix), 0, False)
+        pos = len(prefix)
+        t0 = time.perf_counter()
+        self._embeds(embeds, pos)
+        pos += embeds.shape[0]
+        self._tokens(list(suffix), pos, True)
+        pos += len(suffix)
+        t1 = time.perf_counter()
+        token = lc.llama_sampler_sample(self.greedy, self.ctx, -1)
+        t2 = time.perf_counter()
+        for _ in range(n_gen - 1):
+            self.tok.token[0], self.tok.pos[0], self.tok.n_seq_id[0], self.tok.logits[0] = token, pos, 1, 1
+            self.tok.seq_id[0][0] = 0
+            self.tok.n_tokens = 1
+            if lc.llama_decode(self.ctx, self.tok) != 0:
+                raise RuntimeError("llama_decode failed in the reference loop")
+            pos += 1
+            token = lc.llama_sampler_sample(self.greedy, self.ctx, -1)
+        t3 = time.perf_counter()
+        n_pp = embeds.shape[0] + len(suffix)
+        return {"pp_tok_s": n_pp / (t1 - t0), "tg_tok_s": (n_gen - 1) / (t3 - t2),
+                "ttft_ms": (t2 - t0) * 1e3}
+
+    def close(self):
+        lc = self.lc
+        lc.llama_sampler_free(self.greedy)
+        lc.llama_batch_free(self.tok)
+        lc.llama_batch_free(self.emb)
+        lc.llama_free(self.ctx)
+
+
+def _worker_quant(job: dict) -> dict:
+    import numpy as np
+
+    from ..core.decoders.llamacpp_decoder import LlamaCppDecoder
+    from ..core.generation import GenerationParams
+    from ..core.prompt import build_prompt
+    from ..core.tokenizer import Tokenizer
+    from ..core.vision import ImageEmbedding
+
+    quant, n_gen, repeats, warmup = job["quant"], job["tokens"], job["repeats"], job["warmup"]
+    tok = Tokenizer(job["tokenizer"])
+    t0 = time.perf_counter()
+    dec = LlamaCppDecoder(job["gguf"], tok, quant=quant, threads=job["threads"], n_ctx=job["n_ctx"],
+                          max_cached_frames=4)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+
+    def frame():
+        return ImageEmbedding(rng.standard_normal((IMAGE_TOKENS, dec.n_embd), dtype=np.float32))
+    prompts = [build_prompt(tok, q, IMAGE_TOKENS) for q in QUESTIONS]
+    forced = GenerationParams(max_new_tokens=n_gen, min_new_tokens=n_gen)
+    one = GenerationParams(max_new_tokens=1, min_new_tokens=1)
+    pure = None
+    rss_ours = None
+    rows = {k: [] for k in ("prompt_eval_tok_s", "decode_tok_s", "ttft_cached_ms", "ttft_new_frame_ms",
+                            "ttft_no_reuse_ms", "llama_pp_tok_s", "llama_tg_tok_s", "llama_ttft_ms",
+                            "decode_4cached_tok_s")}
+
+    def ours(record: bool):
+        f, g = frame(), frame()
+        dec.clear_cache()
+        a = dec.generate(prompts[0], f, one)            # nothing cached: prefix + image + text
+        b = dec.generate(prompts[1], f, forced)         # frame cached: text only; then decode
+        assert len(b.ids) == n_gen, (len(b.ids), n_gen)
+        c = dec.generate(prompts[2], g, one)            # new frame, prefix cached
+        if record:
+            rows["ttft_no_reuse_ms"].append(a.first_token_ms)
+            rows["ttft_cached_ms"].append(b.first_token_ms)
+            rows["decode_tok_s"].append((n_gen - 1) / (b.decode_ms / 1e3))
+            rows["ttft_new_frame_ms"].append(c.first_token_ms)
+            rows["prompt_eval_tok_s"].append(c.timings["evaluated_prompt_tokens"] / (c.prefill_ms / 1e3))
+
+    def theirs(record: bool):
+        nonlocal pure, rss_ours
+        if pure is None:
+            rss_ours = peak_rss_mb()
+            pure = PureLlama(dec.lc, dec._model, dec.n_embd, dec.threads, job["n_ctx_pure"], dec.n_batch)
+        r = pure.run(prompts[1].prefix, frame().embeds, prompts[1].suffix, n_gen)
+        if record:
+            rows["llama_pp_tok_s"].append(r["pp_tok_s"])
+            rows["llama_tg_tok_s"].append(r["tg_tok_s"])
+            rows["llama_ttft_ms"].append(r["ttft_ms"])
+
+    for i in range(warmup + repeats):
+        record = i >= warmup
+        order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+        for fn in order:
+            fn(record)
+        if record:
+            _log(f"  {quant} run {i - warmup + 1}/{repeats}: decode {rows['decode_tok_s'][-1]:.2f} tok/s, "
+                 f"llama.cpp {rows['llama_tg_tok_s'][-1]:.2f} tok/s")
+    # steady state of a node: max_cached_frames frames in the KV cache while answering
+    dec.clear_cache()
+    frames = [frame() for _ in range(dec.max_cached_frames)]
+    for f in frames:
+        dec.generate(prompts[0], f, one)
+    for _ in range(repeats):
+        b = dec.generate(prompts[1], frames[-1], forced)
+        rows["decode_4cached_tok_s"].append((n_gen - 1) / (b.decode_ms / 1e3))
+    assert len(dec.cached_frames()) == dec.max_cached_frames
+    result = {"quant": quant, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
+              "load_s": load_s, "n_ctx": dec.n_ctx, "n_batch": dec.n_batch, "threads": dec.threads,
+              "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,
+                                "suffix": len(prompts[1].suffix)},
+              "peak_rss_mb": rss_ours, "peak_rss_with_llama_ctx_mb": peak_rss_mb(),
+              **{k: stats(v) for k, v in rows.items()}}
+    d, t = result["decode_tok_s"]["median"], result["llama_tg_tok_s"]["median"]
+    result["decode_ratio"] = d / t if d and t else None
+    p, q = result["prompt_eval_tok_s"]["median"], result["llama_pp_tok_s"]["median"]
+    result["prompt_eval_ratio"] = p / q if p and q else None
+    pure.close()
+    dec.close()
+    return result
+
+
+def _worker_main(job_file: str, result_file: str) -> int:
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    res = _worker_export(job) if job["kind"] == "export" else _worker_quant(job)
+    Path(result_file).write_text(json.dumps(res), encoding="utf-8")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ report
+
+def _fmt(s: dict, digits=1) -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def table(result: dict) -> str:
+    head = ("| quant | file MB | prompt eval tok/s | llama.cpp pp tok/s | decode tok/s | llama.cpp tg tok/s "
+            "| ratio | decode, 4 frames cached | TTFT cached frame ms | TTFT new frame ms | TTFT no reuse ms "
+            "| peak RSS MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["quants"]:
+        ratio = f"{r['decode_ratio']:.2f}" if r.get("decode_ratio") else "-"
+        lines.append(f"| {r['quant']} | {r['file_mb']:.0f} | {_fmt(r['prompt_eval_tok_s'])} | "
+                     f"{_fmt(r['llama_pp_tok_s'])} | {_fmt(r['decode_tok_s'], 2)} | {_fmt(r['llama_tg_tok_s'], 2)} | "
+                     f"{ratio} | {_fmt(r['decode_4cached_tok_s'], 2)} | {_fmt(r['ttft_cached_ms'], 0)} | "
+                     f"{_fmt(r['ttft_new_frame_ms'], 0)} | {_fmt(r['ttft_no_reuse_ms'], 0)} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    m = result["machine"]
+    ex = result.get("export", {})
+    notes = [f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
+             f"{result['tokens']} tokens decoded per run; threads {m['threads']} on {m['cpu']} "
+             f"({m['cpu_count']} CPUs, load {m['load_avg_start']} at start).",
+             "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file (target >= 0.95)."]
+    if ex and not ex.get("cached") and ex.get("seconds"):
+        notes.append(f"GGUF export: {ex['seconds']:.0f} s, peak RSS {ex['peak_rss_mb']:.0f} MB.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def run(a) -> dict:
+    from ..core.decoders.llamacpp_decoder import default_threads
+    model = Path(a.model)
+    if not model.is_dir():
+        raise SystemExit(f"mobilevlm-bench decoder: model folder not found: {model}")
+    quants = [q.strip().lower() for q in a.quants.split(",") if q.strip()]
+    bad = [q for q in quants if q not in QUANTS]
+    if bad or not quants:
+        raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(QUANTS)})")
+    threads = a.threads if a.threads > 0 else default_threads()
+    out = Path(a.out) if a.out else None
+    tmp = None
+    if a.gguf_dir:
+        gguf_dir = Path(a.gguf_dir)
+    elif out:
+        gguf_dir = out / "gguf"
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="mobilevlm-gguf-")
+        gguf_dir = Path(tmp.name)
+    try:
+        section, folder, export_info = ensure_gguf(model, gguf_dir, quants, a.timeout)
+        tokenizer = model / "tokenizer.model"
+        result = {"benchmark": "decoder", "model": str(model.resolve()), "tokens": a.tokens,
+                  "repeats": a.repeats, "warmup": a.warmup, "machine": machine_info(threads),
+                  "export": export_info, "quants": []}
+        for q in quants:
+            _log(f"{q}: {section[q]['file']} ...")
+            r = _run_child({"kind": "quant", "quant": q, "gguf": str(folder / section[q]["file"]),
+                            "tokenizer": str(tokenizer), "threads": threads, "tokens": a.tokens,
+                            "repeats": a.repeats, "warmup": a.warmup, "n_ctx": a.n_ctx,
+                            "n_ctx_pure": max(512, a.n_ctx or 0)}, a.timeout)
+            result["quants"].append(r)
+            _log(f"{q}: decode {r['decode_tok_s']['median']:.2f} tok/s vs llama.cpp "
+                 f"{r['llama_tg_tok_s']['median']:.2f} (ratio {r['decode_ratio']:.2f})")
+        result["machine"]["load_avg_end"] = round(os.getloadavg()[0], 2)
+        return result
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return _worker_main(argv[1], argv[2])
+    ap = argparse.ArgumentParser(prog="mobilevlm-bench decoder", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint folder (exported first) or artifacts folder")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated: q4_k_m,q8_0,f16")
+    ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per run (EOS ignored)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--n-ctx", type=int, default=0, help="KV cells of our decoder (0 = training context)")
+    ap.add_argument("--gguf-dir", default=None, help="where exported GGUF files are cached (default OUT/gguf)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
+    ap.add_argument("--out", default=None, help="folder for decoder.json and decoder.md")
+    a = ap.parse_args(argv)
+    if a.tokens < 2 or a.repeats < 1 or a.warmup < 0:
+        ap.error("--tokens must be >= 2, --repeats >= 1, --warmup >= 0")
+    try:
+        result = run(a)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"mobilevlm-bench decoder: {e}", file=sys.stderr)
+        return 1
+    md = table(result)
+    print(md)
+    write_results(a.out, "decoder", result, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""mobilevlm-bench: the numbers a robotics team chooses by, one sub-benchmark per command.
+
+    mobilevlm-bench vision   --model CKPT ...   vision latency / frames/s per backend, batch 1 and 4
+    mobilevlm-bench decoder  --model CKPT ...   prompt-eval and decode tokens/s per quant vs llama.cpp
+    mobilevlm-bench question --model CKPT ...   question latency with the frame already seen vs the
+                                                reference-style pipeline (re-encode + HF generate)
+    mobilevlm-bench all      --model CKPT ...   everything above, one results folder
+
+Benchmarks are never part of the test suite; run them on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {"vision": "mobilevlm_ros.bench.vision", "decoder": "mobilevlm_ros.bench.decoder",
+               "question": "mobilevlm_ros.bench.question", "memory": "mobilevlm_ros.bench.memory",
+               "node": "mobilevlm_ros.bench.node", "bandwidth": "mobilevlm_ros.bench.bandwidth",
+               "all": "mobilevlm_ros.bench.all"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
