@@ -34,6 +34,16 @@ FUTURE_TOLERANCE_S = 1.0    # requested stamps up to this far ahead of the node 
 _seq = itertools.count(1)
 
 
+def check_stamp(stamp: int, now: int) -> None:
+    """Reject a frame whose header stamp (ns) no question could use: negative, or ahead of the node
+    clock by more than FUTURE_TOLERANCE_S (it would shadow every real frame as the newest)."""
+    if stamp < 0:
+        raise ImageError(f"header stamp is negative ({stamp / NS:.3f} s)")
+    if stamp - now > FUTURE_TOLERANCE_S * NS:
+        raise ImageError(f"header stamp is {(stamp - now) / NS:.1f} s ahead of the node clock (tolerance "
+                         f"{FUTURE_TOLERANCE_S:g} s): check the camera's clock")
+
+
 class FrameUnavailable(MobileVLMError):
     """No frame satisfies the question (no frame yet, too old, bad requested stamp)."""
 
@@ -99,6 +109,12 @@ class CameraStats:
     latency_ms: float = 0.0     # reception -> embedding cached, last frame
     latest_stamp_ns: int = 0    # newest frame received
     latest_received_ns: int = 0
+    callback_cpu_ms: float = 0.0      # image callbacks' CPU time, all frames (the node's own work)
+    callback_cpu_ms_max: float = 0.0
+
+    @property
+    def callback_cpu_ms_avg(self) -> float:
+        return self.callback_cpu_ms / self.received if self.received else 0.0
 
 
 class CameraFrames:
@@ -204,6 +220,13 @@ class FrameStore:
             dropped = self.cameras[frame.camera].offer(frame)
             self._has_pending.notify_all()
         return dropped
+
+    def note_callback(self, camera: str, cpu_ms: float) -> None:
+        """Add one image callback's CPU time to the camera's counters."""
+        with self._lock:
+            st = self.cameras[camera].stats
+            st.callback_cpu_ms += cpu_ms
+            st.callback_cpu_ms_max = max(st.callback_cpu_ms_max, cpu_ms)
 
     def reject(self, camera: str, reason: str, received: bool = True) -> None:
         """Count a frame that failed validation (received=True: in the image callback, not offered)

@@ -56,9 +56,12 @@ from mobilevlm_ros.srv import Ask as AskService
 from ..core.errors import ImageError, MobileVLMError, RequestError
 from ..core.generation import MAX_NEW_TOKENS_LIMIT, GenerationParams
 from .conversion import check_compressed, image_to_array, stamp_ns
-from .frames import NS, AnyFrame, Frame, FrameStore, FrameUnavailable
+from .frames import NS, AnyFrame, Frame, FrameStore, FrameUnavailable, check_stamp
 
 NODE_NAME = "mobilevlm"
+# Finished goals' results are kept this long for clients that ask late (rclpy's default is 900 s):
+# a client that disappears mid-goal must not leave its result behind for a quarter of an hour.
+ACTION_RESULT_KEEP_S = 60
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,7 +399,8 @@ class MobileVLMNode(LifecycleNode):
         self._ask_action = ActionServer(self, AskAction, "~/ask_stream", execute_callback=self._execute,
                                         goal_callback=lambda _goal: GoalResponse.ACCEPT,
                                         cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-                                        callback_group=self._request_group)
+                                        callback_group=self._request_group,
+                                        result_timeout=ACTION_RESULT_KEEP_S)
         with self._lock:
             self._serving = True
         self._lifecycle = "active"
@@ -482,28 +486,35 @@ class MobileVLMNode(LifecycleNode):
 
     # -------------------------------------------------------------------------------- images
     def _on_image(self, camera: str, msg: Image) -> None:
+        t0 = time.thread_time()
         now = self.get_clock().now().nanoseconds
+        frames = self._frames
         try:
+            stamp = stamp_ns(msg.header.stamp) or now
+            check_stamp(stamp, now)
             pixels, order = image_to_array(msg)
         except ImageError as e:
-            self._reject(camera, msg, e)
-            return
-        self._frames.offer(Frame(camera, msg.header, stamp_ns(msg.header.stamp) or now, now,
-                                 pixels=pixels, channel_order=order))
+            self._reject(frames, camera, e)
+        else:
+            frames.offer(Frame(camera, msg.header, stamp, now, pixels=pixels, channel_order=order))
+        frames.note_callback(camera, (time.thread_time() - t0) * 1e3)
 
     def _on_compressed(self, camera: str, msg: CompressedImage) -> None:
+        t0 = time.thread_time()
         now = self.get_clock().now().nanoseconds
+        frames = self._frames
         try:
+            stamp = stamp_ns(msg.header.stamp) or now
+            check_stamp(stamp, now)
             check_compressed(msg.format, msg.data)
         except ImageError as e:
-            self._reject(camera, msg, e)
-            return
-        # decoded by the vision worker, not here
-        self._frames.offer(Frame(camera, msg.header, stamp_ns(msg.header.stamp) or now, now,
-                                 compressed=msg.data, fmt=msg.format))
+            self._reject(frames, camera, e)
+        else:                       # decoded by the vision worker, not here
+            frames.offer(Frame(camera, msg.header, stamp, now, compressed=msg.data, fmt=msg.format))
+        frames.note_callback(camera, (time.thread_time() - t0) * 1e3)
 
-    def _reject(self, camera: str, msg, err: Exception) -> None:
-        self._frames.reject(camera, str(err))
+    def _reject(self, frames: FrameStore, camera: str, err: Exception) -> None:
+        frames.reject(camera, str(err))
         self.get_logger().warning(f"camera {camera}: frame rejected: {err}", throttle_duration_sec=5.0)
 
     # -------------------------------------------------------------------------------- vision worker
@@ -772,6 +783,8 @@ class MobileVLMNode(LifecycleNode):
                                                      "vision_ms": f"{st.vision_ms:.1f}",
                                                      "vision_ms_avg": f"{st.vision_ms_avg:.1f}",
                                                      "vision_latency_ms": f"{st.latency_ms:.1f}",
+                                                     "callback_cpu_ms_avg": f"{st.callback_cpu_ms_avg:.3f}",
+                                                     "callback_cpu_ms_max": f"{st.callback_cpu_ms_max:.3f}",
                                                      "latest_frame_age_s": f"{age:.3f}"})))
         with self._lock:
             busy_now = int(self._current is not None)
