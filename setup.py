@@ -25,6 +25,7 @@ CONSOLE_SCRIPTS = [
     "mobilevlm-node=mobilevlm_ros.ros.node:main",
     "mobilevlm-ask-ros=mobilevlm_ros.ros.ask_client:main",
     "mobilevlm-demo=mobilevlm_ros.ros.demo:main",
+    "mobilevlm-soak=mobilevlm_ros.tools.soak:main",
 ]
 
 setup(

@@ -89,6 +89,9 @@ def load_model(path, opts: Optional[LoadOptions] = None, **kw) -> MobileVLM:
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
+    if not (path / "config.json").is_file() and not is_artifacts(path):
+        raise ModelLoadError(f"{path} is neither a checkpoint (missing file: {path / 'config.json'}) nor an "
+                             f"exported artifacts folder (missing file: {path / 'manifest.json'})")
     manifest = None
     if is_artifacts(path):
         manifest = read_manifest(path)

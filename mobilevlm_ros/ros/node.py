@@ -62,6 +62,11 @@ NODE_NAME = "mobilevlm"
 # Finished goals' results are kept this long for clients that ask late (rclpy's default is 900 s):
 # a client that disappears mid-goal must not leave its result behind for a quarter of an hour.
 ACTION_RESULT_KEEP_S = 60
+# ~/ask: reliable with a deep history. With the default depth of 10, a burst of responses (many
+# clients answered "busy" at once) overwrote responses not yet acknowledged, and their clients
+# waited forever (seen in the flood test with 20 clients).
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +400,8 @@ class MobileVLMNode(LifecycleNode):
                          threading.Thread(target=self._generation_loop, name="mobilevlm-generation", daemon=True)]
         for w in self._workers:
             w.start()
-        self._ask_srv = self.create_service(AskService, "~/ask", self._on_ask, callback_group=self._request_group)
+        self._ask_srv = self.create_service(AskService, "~/ask", self._on_ask, qos_profile=SERVICE_QOS,
+                                            callback_group=self._request_group)
         self._ask_action = ActionServer(self, AskAction, "~/ask_stream", execute_callback=self._execute,
                                         goal_callback=lambda _goal: GoalResponse.ACCEPT,
                                         cancel_callback=lambda _goal: CancelResponse.ACCEPT,

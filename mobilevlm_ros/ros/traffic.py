@@ -1,0 +1,445 @@
+"""Traffic against a running mobilevlm node: camera streams, many clients asking at once, and the
+node's own counters and memory sampled over time.
+
+Shared by the soak command (`mobilevlm-soak`), the node benchmarks (`mobilevlm-bench node|memory`)
+and the reliability tests, so what they measure is measured the same way.
+
+    node = NodeUnderTest("models/tiny-v2-artifacts", cameras=["front", "rear"])
+    with Flood(node.name, [CameraStream.parse("front:640x480@60")], clients=20) as flood:
+        summary = flood.run(duration_s=30, on_sample=print)
+    code, seconds = node.stop()
+
+Everything stays on this machine: the node and the flood use localhost-only discovery
+(ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) unless the environment says otherwise.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_PARAMS = REPO / "config" / "mobilevlm.yaml"
+BUSY = "busy:"
+
+
+def localhost_env(env: Optional[dict] = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    return env
+
+
+def proc_status(pid: int) -> Dict[str, float]:
+    """VmRSS / VmHWM in MB and the thread count of a process (empty once it has exited)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+            elif key == "Threads":
+                out[key] = int(value)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+class NodeUnderTest:
+    """A mobilevlm node in its own process, as a user starts it (config/mobilevlm.yaml + overrides)."""
+
+    def __init__(self, model_path, cameras=("front",), name: str = "mobilevlm", params: Dict[str, str] = None,
+                 params_file=DEFAULT_PARAMS, env: Optional[dict] = None, log_path=None):
+        self.name = name
+        overrides = {"model_path": str(model_path), "cameras": "[" + ", ".join(cameras) + "]",
+                     "diagnostics_period_s": "0.5", **(params or {})}
+        cmd = [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(params_file),
+               "-r", f"__node:={name}"]
+        for k, v in overrides.items():
+            cmd += ["-p", f"{k}:={v}"]
+        self.cmd = cmd
+        self.lines: List[str] = []
+        self._log = open(log_path, "w", encoding="utf-8") if log_path else None
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", env=localhost_env(env), cwd=REPO)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if self._log:
+                self._log.write(line)
+                self._log.flush()
+
+    def log(self, n: int = 40) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def status(self) -> Dict[str, float]:
+        return proc_status(self.proc.pid)
+
+    def stop(self, sig=signal.SIGINT, timeout: float = 30.0):
+        """Send `sig`, wait; returns (exit code or None if it had to be killed, seconds to exit)."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None, time.monotonic() - t0
+        return self.proc.returncode, time.monotonic() - t0
+
+
+_STREAM = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*):(?P<w>\d+)x(?P<h>\d+)@(?P<hz>[0-9.]+)(?::(?P<kind>raw|jpeg))?$")
+
+
+@dataclass
+class CameraStream:
+    name: str
+    width: int
+    height: int
+    rate_hz: float
+    kind: str = "raw"           # raw: sensor_msgs/Image rgb8; jpeg: CompressedImage on .../compressed
+
+    @classmethod
+    def parse(cls, spec: str) -> "CameraStream":
+        """NAME:WxH@HZ[:raw|jpeg], e.g. front:640x480@30 or rear:1920x1080@60:jpeg"""
+        m = _STREAM.match(spec.strip())
+        if not m:
+            raise ValueError(f"camera stream '{spec}' is not NAME:WIDTHxHEIGHT@HZ[:raw|jpeg]")
+        return cls(m["name"], int(m["w"]), int(m["h"]), float(m["hz"]), m["kind"] or "raw")
+
+    def __str__(self):
+        return f"{self.name}:{self.width}x{self.height}@{self.rate_hz:g}:{self.kind}"
+
+
+def pattern_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB frame: gradients, a block and noise (not a flat colour)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                    (x + y) * 128 // max(height + width, 1)], -1)
+    img[height // 4:height // 2, width // 3:width // 2] = (230, 30, 30)
+    return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Outcome:
+    t: float                 # seconds since the flood started, at the response
+    kind: str                # answered | busy | error
+    latency_ms: float
+    frame_age_ms: float = float("nan")
+    error: str = ""
+
+
+@dataclass
+class FloodSummary:
+    duration_s: float
+    requests_sent: int
+    responses: int
+    answered: int
+    busy: int
+    errors: int
+    error_kinds: Dict[str, int]
+    latency_ms_p50: float
+    latency_ms_p95: float
+    frame_age_ms_p50: float
+    frame_age_ms_max: float
+    rss_mb_after_warmup: float
+    rss_mb_end: float
+    rss_growth_pct: float
+    hwm_mb: float
+    cameras: Dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        return self.requests_sent - self.responses
+
+
+def _pct(values, q):
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+class Flood:
+    """Camera streams and clients against the node `node_name`, in an rclpy context of its own.
+
+    Each client keeps one request outstanding at a time and asks again as soon as it has its
+    response, so `clients` requests arrive at once at the start and keep arriving."""
+
+    def __init__(self, node_name: str, streams: List[CameraStream], clients: int = 20,
+                 question: str = "What is in the picture?", max_new_tokens: int = 16,
+                 node_pid: Optional[int] = None, response_timeout_s: float = 120.0,
+                 ask_interval_s: float = 0.0):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import MultiThreadedExecutor
+
+        self.node_name = node_name.strip("/")
+        self.streams, self.n_clients = streams, clients
+        self.question, self.max_new_tokens = question, max_new_tokens
+        self.node_pid, self.response_timeout_s, self.ask_interval_s = node_pid, response_timeout_s, ask_interval_s
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self._rclpy = rclpy
+        self.monitor = rclpy.create_node(f"flood_monitor_{os.getpid()}", context=self.context)
+        self.client_nodes = [rclpy.create_node(f"flood_client_{os.getpid()}_{i}", context=self.context)
+                             for i in range(clients)]
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        for n in (self.monitor, *self.client_nodes):
+            self.executor.add_node(n)
+        self.diag: Dict[str, dict] = {}
+        self.outcomes: List[Outcome] = []
+        self.sent = 0
+        self.frames_sent: Dict[str, int] = {s.name: 0 for s in streams}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._setup_interfaces()
+        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spin.start()
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_interfaces(self):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage, Image
+
+        from mobilevlm_ros.srv import Ask
+
+        self.monitor.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        self.pubs = {}
+        self.messages = {}
+        for s in self.streams:
+            pixels = pattern_frame(s.height, s.width, seed=len(self.pubs))
+            if s.kind == "jpeg":
+                import io
+
+                from PIL import Image as PILImage
+                buf = io.BytesIO()
+                PILImage.fromarray(pixels).save(buf, "JPEG", quality=90)
+                msg = CompressedImage(format="jpeg", data=buf.getvalue())
+                topic = f"/{self.node_name}/{s.name}/image/compressed"
+                pub = self.monitor.create_publisher(CompressedImage, topic, qos_profile_sensor_data)
+            else:
+                msg = Image(height=s.height, width=s.width, encoding="rgb8", step=s.width * 3,
+                            data=pixels.tobytes())
+                topic = f"/{self.node_name}/{s.name}/image"
+                pub = self.monitor.create_publisher(Image, topic, qos_profile_sensor_data)
+            msg.header.frame_id = f"flood_{s.name}"
+            self.pubs[s.name], self.messages[s.name] = pub, msg
+        # deep response history: every client's reader may also see the other clients' responses
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        self.clients = [n.create_client(Ask, f"/{self.node_name}/ask", qos_profile=qos) for n in self.client_nodes]
+        self._Ask = Ask
+
+    def _on_diag(self, msg):
+        prefix = f"{self.node_name}: "
+        for st in msg.status:
+            if st.name.startswith(prefix):
+                self.diag[st.name[len(prefix):]] = {"level": st.level, "message": st.message,
+                                                   **{kv.key: kv.value for kv in st.values}}
+
+    def camera_counters(self, name: str) -> dict:
+        return self.diag.get(f"camera {name}", {})
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the node's service answers discovery and its diagnostics arrive."""
+        deadline = time.monotonic() + timeout
+        for c in self.clients:
+            if not c.wait_for_service(timeout_sec=max(0.1, deadline - time.monotonic())):
+                raise TimeoutError(f"/{self.node_name}/ask did not appear within {timeout:.0f} s")
+        while not self.diag and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for s in self.streams:
+            while self.pubs[s.name].get_subscription_count() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # A service's response path is matched separately from its request path: a client whose
+        # first request goes out before the node's response writer has matched it never gets the
+        # answer (DDS drops it). Ping each client with a request the node refuses at once (empty
+        # question) until a response comes back. The node counts these as errors.
+        for c in self.clients:
+            while True:
+                future = c.call_async(self._Ask.Request(question=""))
+                done = threading.Event()
+                future.add_done_callback(lambda _f: done.set())
+                if done.wait(1.0):
+                    break
+                c.remove_pending_request(future)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no response from /{self.node_name}/ask within {timeout:.0f} s")
+
+    # ------------------------------------------------------------------ traffic
+    def _publish_loop(self, s: CameraStream, t_end: float):
+        pub, msg = self.pubs[s.name], self.messages[s.name]
+        period = 1.0 / s.rate_hz
+        next_t = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < t_end:
+            msg.header.stamp = self.monitor.get_clock().now().to_msg()
+            pub.publish(msg)
+            self.frames_sent[s.name] += 1
+            next_t += period
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_t = time.monotonic()       # behind: do not burst to catch up
+
+    def _ask_loop(self, client, t0: float, t_end: float, start: threading.Barrier):
+        start.wait()
+        while not self._stop.is_set() and time.monotonic() < t_end:
+            req = self._Ask.Request(question=self.question, max_new_tokens=self.max_new_tokens, temperature=0.0)
+            done = threading.Event()
+            sent_at = time.monotonic()
+            future = client.call_async(req)
+            future.add_done_callback(lambda _f: done.set())
+            with self._lock:
+                self.sent += 1
+            if not done.wait(self.response_timeout_s):
+                with self._lock:
+                    self.outcomes.append(Outcome(time.monotonic() - t0, "timeout", float("nan"),
+                                                 error="no response"))
+                client.remove_pending_request(future)
+                continue
+            res = future.result()
+            latency = (time.monotonic() - sent_at) * 1e3
+            if res.success:
+                out = Outcome(time.monotonic() - t0, "answered", latency, res.frame_age_ms)
+            elif res.error.startswith(BUSY):
+                out = Outcome(time.monotonic() - t0, "busy", latency, error=res.error)
+            else:
+                out = Outcome(time.monotonic() - t0, "error", latency, error=res.error)
+            with self._lock:
+                self.outcomes.append(out)
+            if self.ask_interval_s > 0:
+                self._stop.wait(self.ask_interval_s)
+
+    def run(self, duration_s: float, warmup_s: float = 0.0, sample_period_s: float = 1.0,
+            on_sample: Optional[Callable[[dict], None]] = None) -> FloodSummary:
+        """Stream and ask for `duration_s`, then wait for every outstanding response. Memory growth
+        compares the node's RSS at the end with its RSS after `warmup_s` (see _memory)."""
+        t0 = time.monotonic()
+        t_end = t0 + duration_s
+        threads = [threading.Thread(target=self._publish_loop, args=(s, t_end), daemon=True) for s in self.streams]
+        for t in threads:
+            t.start()
+        # the clients start together once every camera has delivered a frame (questions before
+        # that would only measure "no frame received yet")
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not all(
+                int(self.camera_counters(s.name).get("frames_encoded", 0)) > 0 for s in self.streams):
+            time.sleep(0.05)
+        start = threading.Barrier(len(self.clients) + 1)
+        clients = [threading.Thread(target=self._ask_loop, args=(c, t0, t_end, start), daemon=True)
+                   for c in self.clients]
+        for t in clients:
+            t.start()
+        threads += clients
+        start.wait()
+        self.samples: List[dict] = []
+        next_sample = t0
+        while time.monotonic() < t_end:
+            next_sample += sample_period_s
+            time.sleep(max(0.0, min(next_sample, t_end) - time.monotonic()))
+            row = self.sample(time.monotonic() - t0)
+            self.samples.append(row)
+            if on_sample:
+                on_sample(row)
+        self.flood_s = time.monotonic() - t0
+        for t in threads:           # clients finish their outstanding request (bounded by the timeout)
+            t.join(self.response_timeout_s + 5)
+        time.sleep(2 * sample_period_s)     # the node's last counters
+        final = self.sample(time.monotonic() - t0)
+        self.samples.append(final)
+        return self._summary(warmup_s, final)
+
+    def sample(self, t: float) -> dict:
+        with self._lock:
+            outcomes = list(self.outcomes)
+            sent = self.sent
+        recent = [o for o in outcomes if o.t > t - 1.0 and o.kind == "answered"]
+        row = {"t_s": round(t, 3), "requests_sent": sent,
+               "answered": sum(o.kind == "answered" for o in outcomes),
+               "busy": sum(o.kind == "busy" for o in outcomes),
+               "errors": sum(o.kind not in ("answered", "busy") for o in outcomes),
+               "latency_ms_p50": _pct([o.latency_ms for o in recent], 0.5)}
+        if self.node_pid:
+            st = proc_status(self.node_pid)
+            row["rss_mb"] = st.get("VmRSS", float("nan"))
+            row["hwm_mb"] = st.get("VmHWM", float("nan"))
+            row["threads"] = st.get("Threads", 0)
+        for s in self.streams:
+            c = self.camera_counters(s.name)
+            row[f"{s.name}_sent"] = self.frames_sent[s.name]
+            for k in ("frames_received", "frames_encoded", "frames_dropped", "frames_rejected"):
+                row[f"{s.name}_{k[7:]}"] = int(c.get(k, 0))
+            row[f"{s.name}_callback_cpu_ms_avg"] = float(c.get("callback_cpu_ms_avg", "nan"))
+        return row
+
+    def _memory(self, warmup_s: float):
+        """Node RSS just after warm-up and at the end: medians of the first and the last quarter of
+        the samples after warm-up (RSS swings by tens of MB as frame buffers come and go)."""
+        rss = [r["rss_mb"] for r in self.samples if r["t_s"] >= warmup_s and r.get("rss_mb") == r.get("rss_mb")
+               and "rss_mb" in r]
+        if len(rss) < 4:
+            return float("nan"), float("nan")
+        q = max(1, len(rss) // 4)
+        return statistics.median(rss[:q]), statistics.median(rss[-q:])
+
+    def _summary(self, warmup_s, final) -> FloodSummary:
+        outcomes = list(self.outcomes)
+        answered = [o for o in outcomes if o.kind == "answered"]
+        kinds: Dict[str, int] = {}
+        for o in outcomes:
+            if o.kind not in ("answered", "busy"):
+                key = o.error.split(":")[0][:60]
+                kinds[key] = kinds.get(key, 0) + 1
+        rss_warm, rss_end = self._memory(warmup_s)
+        cams = {}
+        for s in self.streams:
+            c = self.camera_counters(s.name)
+            cams[s.name] = {"stream": str(s), "sent": self.frames_sent[s.name],
+                            "sent_hz": self.frames_sent[s.name] / self.flood_s,
+                            **{k[7:]: int(c.get(k, 0)) for k in ("frames_received", "frames_encoded",
+                                                                   "frames_dropped", "frames_rejected")},
+                            "callback_cpu_ms_avg": float(c.get("callback_cpu_ms_avg", "nan")),
+                            "callback_cpu_ms_max": float(c.get("callback_cpu_ms_max", "nan")),
+                            "vision_ms_avg": float(c.get("vision_ms_avg", "nan"))}
+        ages = [o.frame_age_ms for o in answered]
+        return FloodSummary(
+            duration_s=self.flood_s, requests_sent=self.sent,
+            responses=sum(o.kind != "timeout" for o in outcomes),
+            answered=len(answered), busy=sum(o.kind == "busy" for o in outcomes),
+            errors=sum(o.kind not in ("answered", "busy") for o in outcomes), error_kinds=kinds,
+            latency_ms_p50=_pct([o.latency_ms for o in answered], 0.5),
+            latency_ms_p95=_pct([o.latency_ms for o in answered], 0.95),
+            frame_age_ms_p50=statistics.median(ages) if ages else float("nan"),
+            frame_age_ms_max=max(ages) if ages else float("nan"),
+            rss_mb_after_warmup=rss_warm, rss_mb_end=rss_end,
+            rss_growth_pct=100.0 * (rss_end - rss_warm) / rss_warm if rss_warm == rss_warm and rss_warm else float("nan"),
+            hwm_mb=final.get("hwm_mb", float("nan")), cameras=cams)
+
+    # ------------------------------------------------------------------ tear-down
+    def close(self):
+        self._stop.set()
+        self.executor.shutdown(timeout_sec=5.0)
+        for n in (self.monitor, *self.client_nodes):
+            n.destroy_node()
+        self._rclpy.try_shutdown(context=self.context)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

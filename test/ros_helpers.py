@@ -1,0 +1,221 @@
+"""What the ROS-level tests share: the test's side of the graph (publishers, service/action clients,
+diagnostics listener), a node process and waiting helpers. Import after checking that rclpy and the
+generated interfaces import (the test modules skip first)."""
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from rclpy.action import ActionClient
+from rclpy.executors import MultiThreadedExecutor
+from sensor_msgs.msg import CompressedImage, Image
+
+from mobilevlm_ros.action import Ask as AskAction
+from mobilevlm_ros.msg import Answer
+from mobilevlm_ros.srv import Ask as AskService
+
+REPO = Path(__file__).resolve().parent.parent
+NODE = "/mobilevlm"
+QUESTION = "What is in the picture?"
+TOKENS = 12
+
+
+def synthetic(h=120, w=160, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 128 // (h + w)], -1)
+    img[h // 4:h // 2, w // 3:w // 2] = (230, 30, 30)
+    return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+class NodeProcess:
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", cwd=REPO)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def log(self, n=30):
+        return "\n".join(self.lines[-n:])
+
+    def rss_mb(self):
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def wait_for(predicate, timeout, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def wait_future(future, timeout):
+    done = threading.Event()
+    future.add_done_callback(lambda _f: done.set())
+    assert done.wait(timeout), f"no reply within {timeout} s"
+    return future.result()
+
+
+class Client:
+    """This test's side of the graph: publishers, the service/action clients and listeners."""
+
+    def __init__(self, context, ns=NODE, name="mobilevlm_test_client"):
+        self.ns = ns
+        self.node = rclpy.create_node(name, context=context)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
+        self.executor.add_node(self.node)
+        self.ask_client = self.node.create_client(AskService, f"{self.ns}/ask")
+        self.action = ActionClient(self.node, AskAction, f"{self.ns}/ask_stream")
+        self.set_params = self.node.create_client(SetParameters, f"{self.ns}/set_parameters")
+        self.change_state = self.node.create_client(ChangeState, f"{self.ns}/change_state")
+        self.get_state = self.node.create_client(GetState, f"{self.ns}/get_state")
+        self.pubs = {}
+        self.diag, self.diag_count = {}, 0
+        self.answers, self.captions = [], []
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        self.node.create_subscription(Answer, f"{self.ns}/answers", self.answers.append, 10)
+        self.node.create_subscription(Answer, f"{self.ns}/captions", self.captions.append, 10)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+
+    def _on_diag(self, msg):
+        for st in msg.status:
+            if st.name.startswith(self.ns.strip("/") + ":"):
+                self.diag[st.name.split(": ", 1)[1]] = {"level": st.level, "message": st.message,
+                                      **{kv.key: kv.value for kv in st.values}}
+        self.diag_count += 1
+
+    def camera(self, cam):
+        return self.diag.get(f"camera {cam}", {})
+
+    def counter(self, cam, key):
+        return int(self.camera(cam).get(key, 0))
+
+    def now(self):
+        return self.node.get_clock().now()
+
+    def publisher(self, cam, compressed=False):
+        key = (cam, compressed)
+        if key not in self.pubs:
+            topic = f"{self.ns}/{cam}/image" + ("/compressed" if compressed else "")
+            pub = self.node.create_publisher(CompressedImage if compressed else Image, topic, 10)
+            assert wait_for(lambda: pub.get_subscription_count() > 0, 15), f"nobody subscribes {topic}"
+            self._check_link(cam, pub, CompressedImage if compressed else Image)
+            self.pubs[key] = pub
+        return self.pubs[key]
+
+    def _check_link(self, cam, pub, msg_type):
+        """Discovery is asymmetric: the publisher can see the node's subscription before the node's
+        reader has matched this writer, and a best-effort sample sent then is lost (seen in CI as a
+        first frame that never arrived). Send empty frames, which the node rejects without touching
+        its latest frame, until one is counted: then both sides have matched."""
+        before = self.counter(cam, "frames_rejected")
+        for _ in range(60):
+            msg = msg_type()
+            msg.header.stamp = self.now().to_msg()
+            msg.header.frame_id = "link_check"
+            pub.publish(msg)
+            if wait_for(lambda: self.counter(cam, "frames_rejected") > before, 0.5):
+                return
+        raise AssertionError(f"the node never received a frame on {pub.topic_name}: {self.camera(cam)}")
+
+    def publish(self, cam, pixels=None, encoding="rgb8", stamp=None, frame_id="test_cam", **override):
+        msg = Image()
+        msg.header.stamp = (stamp or self.now()).to_msg()
+        msg.header.frame_id = frame_id
+        if pixels is not None:
+            msg.height, msg.width = pixels.shape[:2]
+            msg.step = pixels.shape[1] * (pixels.shape[2] if pixels.ndim == 3 else 1) * pixels.itemsize
+            msg.data = pixels.tobytes()
+        msg.encoding = encoding
+        for k, v in override.items():
+            setattr(msg, k, v)
+        self.publisher(cam).publish(msg)
+        return msg.header
+
+    def publish_compressed(self, cam, data, fmt, frame_id="test_cam"):
+        msg = CompressedImage()
+        msg.header.stamp = self.now().to_msg()
+        msg.header.frame_id = frame_id
+        msg.format, msg.data = fmt, data
+        self.publisher(cam, compressed=True).publish(msg)
+        return msg.header
+
+    def publish_and_wait_encoded(self, cam, pixels, retry=False, **kw):
+        """Publish one frame and wait until the node has encoded it. retry: publish again every
+        second (for a subscription that was just re-created and may not have matched yet)."""
+        before = self.counter(cam, "frames_encoded")
+        for _ in range(20 if retry else 1):
+            header = self.publish(cam, pixels, **kw)
+            if wait_for(lambda: self.counter(cam, "frames_encoded") > before, 1 if retry else 20):
+                return header
+        raise AssertionError(f"frame not encoded: {self.camera(cam)}")
+
+    def ask(self, question=QUESTION, timeout=60, **fields):
+        req = AskService.Request()
+        req.question = question
+        req.max_new_tokens, req.temperature = TOKENS, 0.0
+        for k, v in fields.items():
+            setattr(req, k, v)
+        assert self.ask_client.wait_for_service(timeout_sec=20)
+        return wait_future(self.ask_client.call_async(req), timeout)
+
+    def goal(self, question=QUESTION, feedback=None, **fields):
+        goal = AskAction.Goal()
+        goal.question = question
+        goal.max_new_tokens, goal.temperature = TOKENS, 0.0
+        for k, v in fields.items():
+            setattr(goal, k, v)
+        assert self.action.wait_for_server(timeout_sec=20)
+        handle = wait_future(self.action.send_goal_async(goal, feedback_callback=feedback), 20)
+        assert handle.accepted
+        return handle
+
+    def set_param(self, name, value):
+        p = Parameter(name=name, value=ParameterValue())
+        if isinstance(value, bool):
+            p.value.type, p.value.bool_value = ParameterType.PARAMETER_BOOL, value
+        elif isinstance(value, int):
+            p.value.type, p.value.integer_value = ParameterType.PARAMETER_INTEGER, value
+        elif isinstance(value, float):
+            p.value.type, p.value.double_value = ParameterType.PARAMETER_DOUBLE, value
+        else:
+            p.value.type, p.value.string_value = ParameterType.PARAMETER_STRING, value
+        req = SetParameters.Request(parameters=[p])
+        assert self.set_params.wait_for_service(timeout_sec=10)
+        return wait_future(self.set_params.call_async(req), 20).results[0]
+
+    def transition(self, transition_id):
+        assert self.change_state.wait_for_service(timeout_sec=10)
+        req = ChangeState.Request()
+        req.transition.id = transition_id
+        return wait_future(self.change_state.call_async(req), 60).success
+
+    def state(self):
+        assert self.get_state.wait_for_service(timeout_sec=10)
+        return wait_future(self.get_state.call_async(GetState.Request()), 10).current_state.label
+
+
+def stamp_of(header):
+    return (header.stamp.sec, header.stamp.nanosec)
