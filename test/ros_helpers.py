@@ -18,6 +18,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from mobilevlm_ros.action import Ask as AskAction
 from mobilevlm_ros.msg import Answer
+from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
 from mobilevlm_ros.srv import Ask as AskService
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ class Client:
         self.node = rclpy.create_node(name, context=context)
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
-        self.ask_client = self.node.create_client(AskService, f"{self.ns}/ask")
+        self.ask_client = self.node.create_client(AskService, f"{self.ns}/ask", qos_profile=ASK_SERVICE_QOS)
         self.action = ActionClient(self.node, AskAction, f"{self.ns}/ask_stream")
         self.set_params = self.node.create_client(SetParameters, f"{self.ns}/set_parameters")
         self.change_state = self.node.create_client(ChangeState, f"{self.ns}/change_state")

@@ -21,6 +21,7 @@ from rclpy.action import ActionClient
 from rclpy.node import Node
 
 from mobilevlm_ros.action import Ask as AskAction
+from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
 from mobilevlm_ros.srv import Ask as AskService
 
 RESULT_FIELDS = ("success", "answer", "error", "camera", "prompt_tokens", "completion_tokens",
@@ -66,7 +67,7 @@ def _wait(node, future, deadline) -> bool:
 
 
 def ask_service(node: Node, name: str, a, deadline: float):
-    client = node.create_client(AskService, f"{name}/ask")
+    client = node.create_client(AskService, f"{name}/ask", qos_profile=ASK_SERVICE_QOS)
     if not client.wait_for_service(timeout_sec=max(0.0, deadline - time.monotonic())):
         raise TimeoutError(f"service {name}/ask not found (is the node running and active?)")
     future = client.call_async(fill_request(AskService.Request(), a))

@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     from sensor_msgs.msg import Image
 
     from mobilevlm_ros.action import Ask as AskAction
+    from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
     from mobilevlm_ros.srv import Ask as AskService
 
     from .ask_client import format_result, result_dict
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     code = 1
     deadline = time.monotonic() + a.timeout
     try:
-        srv = client_node.create_client(AskService, f"{node_name}/ask")
+        srv = client_node.create_client(AskService, f"{node_name}/ask", qos_profile=ASK_SERVICE_QOS)
         while not srv.wait_for_service(timeout_sec=0.5):
             if not node_proc.alive():
                 raise RuntimeError(f"the node exited with status {node_proc.proc.returncode} before serving")

@@ -56,17 +56,13 @@ from mobilevlm_ros.srv import Ask as AskService
 from ..core.errors import ImageError, MobileVLMError, RequestError
 from ..core.generation import MAX_NEW_TOKENS_LIMIT, GenerationParams
 from .conversion import check_compressed, image_to_array, stamp_ns
+from .qos import ASK_SERVICE_QOS
 from .frames import NS, AnyFrame, Frame, FrameStore, FrameUnavailable, check_stamp
 
 NODE_NAME = "mobilevlm"
 # Finished goals' results are kept this long for clients that ask late (rclpy's default is 900 s):
 # a client that disappears mid-goal must not leave its result behind for a quarter of an hour.
 ACTION_RESULT_KEEP_S = 60
-# ~/ask: reliable with a deep history. With the default depth of 10, a burst of responses (many
-# clients answered "busy" at once) overwrote responses not yet acknowledged, and their clients
-# waited forever (seen in the flood test with 20 clients).
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +209,8 @@ class Job:
         self._cancel = cancel
         self.abort_reason = ""              # set by the node (deactivate, shutdown)
         self.tokens = 0
+        self.goal_handle = None             # the action goal this job answers
+        self.tokens_at_cancel: Optional[int] = None
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()   # (tokens, text) ..., then None
         self.done = threading.Event()
         self.result: Dict[str, Any] = {}
@@ -400,11 +398,11 @@ class MobileVLMNode(LifecycleNode):
                          threading.Thread(target=self._generation_loop, name="mobilevlm-generation", daemon=True)]
         for w in self._workers:
             w.start()
-        self._ask_srv = self.create_service(AskService, "~/ask", self._on_ask, qos_profile=SERVICE_QOS,
+        self._ask_srv = self.create_service(AskService, "~/ask", self._on_ask, qos_profile=ASK_SERVICE_QOS,
                                             callback_group=self._request_group)
         self._ask_action = ActionServer(self, AskAction, "~/ask_stream", execute_callback=self._execute,
                                         goal_callback=lambda _goal: GoalResponse.ACCEPT,
-                                        cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+                                        cancel_callback=self._on_cancel,
                                         callback_group=self._request_group,
                                         result_timeout=ACTION_RESULT_KEEP_S)
         with self._lock:
@@ -543,7 +541,7 @@ class MobileVLMNode(LifecycleNode):
             next_t = t0 + (1.0 / rate if rate > 0 else 0.0)
 
     # -------------------------------------------------------------------------------- requests
-    def _admit(self, req, kind: str, cancel: Optional[Callable[[], bool]] = None):
+    def _admit(self, req, kind: str, cancel: Optional[Callable[[], bool]] = None, goal_handle=None):
         """Validate a request (fast: no model call) and queue it. Returns (job, None) or (None, error)."""
         t0 = time.perf_counter()
         now = self.get_clock().now().nanoseconds
@@ -566,6 +564,7 @@ class MobileVLMNode(LifecycleNode):
                     raise FrameUnavailable(f"{e} (topics: {', '.join(self._topics.get(camera, []))})") from None
                 raise
             job = Job(kind, req.question, camera, frame, params, now, cancel)
+            job.goal_handle = goal_handle
             with self._lock:
                 if not self._serving:
                     raise RequestError("the node is not active")
@@ -625,27 +624,47 @@ class MobileVLMNode(LifecycleNode):
             with self._lock:
                 self._in_callbacks -= 1
 
+    def _on_cancel(self, goal_handle) -> CancelResponse:
+        """Accept; note how many tokens the goal had when the cancel arrived (reported in its error)."""
+        with self._lock:
+            job = self._current
+            if job is not None and job.goal_handle is goal_handle and job.tokens_at_cancel is None:
+                job.tokens_at_cancel = job.tokens
+        return CancelResponse.ACCEPT
+
     def _execute(self, goal_handle):
         """~/ask_stream: like ~/ask, with the answer so far as feedback after every token."""
         with self._lock:
             self._in_callbacks += 1
         try:
-            job, err = self._admit(goal_handle.request, "action", lambda: goal_handle.is_cancel_requested)
+            job, err = self._admit(goal_handle.request, "action", lambda: goal_handle.is_cancel_requested,
+                                   goal_handle)
             if job is None:
                 goal_handle.abort()
                 return fill(AskAction.Result(), err)
+            streaming = True
             while (event := job.events.get()) is not None:
+                if not streaming:
+                    continue
                 tokens, text = event
                 feedback = AskAction.Feedback()
                 feedback.text, feedback.tokens = text, tokens
-                goal_handle.publish_feedback(feedback)
+                try:
+                    goal_handle.publish_feedback(feedback)
+                except Exception as e:      # the context went down (SIGINT/SIGTERM): stop this answer
+                    streaming = False
+                    job.abort_reason = job.abort_reason or "the node is shutting down"
+                    self.get_logger().debug(f"feedback not published: {e}")
             result = fill(AskAction.Result(), job.result)
-            if job.result.get("finish_reason") == "cancelled" and goal_handle.is_cancel_requested:
-                goal_handle.canceled()
-            elif result.success:
-                goal_handle.succeed()
-            else:
-                goal_handle.abort()
+            try:
+                if job.result.get("finish_reason") == "cancelled" and goal_handle.is_cancel_requested:
+                    goal_handle.canceled()
+                elif result.success:
+                    goal_handle.succeed()
+                else:
+                    goal_handle.abort()
+            except Exception as e:          # shutting down: nobody can receive the result any more
+                self.get_logger().debug(f"goal state not published: {e}")
             return result
         finally:
             with self._lock:
@@ -692,6 +711,8 @@ class MobileVLMNode(LifecycleNode):
         if cancelled:
             self._count("cancelled")
             error = job.abort_reason or "cancelled by the client"
+            if job.tokens_at_cancel is not None:
+                error += f" ({gen.completion_tokens - job.tokens_at_cancel} tokens after the cancel request)"
         else:
             error = ""
             self._count("captions" if job.kind == "caption" else "answers")

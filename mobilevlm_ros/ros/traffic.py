@@ -213,7 +213,9 @@ class Flood:
     # ------------------------------------------------------------------ set-up
     def _setup_interfaces(self):
         from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rclpy.qos import qos_profile_sensor_data
+
+        from .qos import ASK_SERVICE_QOS
         from sensor_msgs.msg import CompressedImage, Image
 
         from mobilevlm_ros.srv import Ask
@@ -239,9 +241,8 @@ class Flood:
                 pub = self.monitor.create_publisher(Image, topic, qos_profile_sensor_data)
             msg.header.frame_id = f"flood_{s.name}"
             self.pubs[s.name], self.messages[s.name] = pub, msg
-        # deep response history: every client's reader may also see the other clients' responses
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-        self.clients = [n.create_client(Ask, f"/{self.node_name}/ask", qos_profile=qos) for n in self.client_nodes]
+        self.clients = [n.create_client(Ask, f"/{self.node_name}/ask", qos_profile=ASK_SERVICE_QOS)
+                        for n in self.client_nodes]
         self._Ask = Ask
 
     def _on_diag(self, msg):
