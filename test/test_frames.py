@@ -123,6 +123,26 @@ def test_select_prefers_newest_encoded_frame():
     assert got.encoded and got.stamp_ns == NOW - 2 * S // 10
 
 
+def test_select_prefers_a_fresh_frame_the_decoder_holds_already():
+    store = FrameStore(["front"], 4)
+    model = FakeModel()
+    for t in (NOW - 3 * S, NOW - 15 * S // 10, NOW - S // 2):
+        store.offer(frame(t=t))
+        store.encode_pending(model)
+    by_stamp = {f.stamp_ns: f for f in store.cameras["front"].cache}
+    in_decoder = {by_stamp[NOW - 3 * S].seq, by_stamp[NOW - 15 * S // 10].seq}
+
+    def ready(f):
+        return f.seq in in_decoder
+    # the newest frame whose image tokens are cached wins over a newer one that is not...
+    assert store.select("front", NOW, 2.0, ready=ready).stamp_ns == NOW - 15 * S // 10
+    # ... while it is fresh enough; then the newest encoded frame
+    assert store.select("front", NOW, 1.0, ready=ready).stamp_ns == NOW - S // 2
+    # a requested stamp is still the closest frame, cached or not
+    assert store.select("front", NOW, 5.0, stamp_ns=NOW - S // 2, ready=ready).stamp_ns == NOW - S // 2
+    assert store.select("front", NOW, 2.0).stamp_ns == NOW - S // 2          # no predicate: newest
+
+
 def test_select_uses_pending_frame_when_no_encoded_frame_is_fresh():
     store = FrameStore(["front"], 4)
     model = FakeModel()
@@ -219,3 +239,27 @@ def test_clear_keeps_counters():
     store.clear()
     assert store.latest_cached("front") is None
     assert store.stats()["front"].encoded == 1
+
+
+def test_hold_background_stops_the_worker_not_encoding_on_demand():
+    store = FrameStore(["front"], 4)
+    model = FakeModel()
+    store.offer(frame(t=NOW - 2 * S))
+    with store.hold_background():
+        assert not store.wait_pending(0.05)            # the worker sees nothing to do while held
+        assert store.encode_pending(model) == []       # ... nor takes frames if it was already past the wait
+        assert store.cameras["front"].pending is not None and model.batches == []
+        store.offer(frame(t=NOW - S))                   # frames keep arriving: the newest stays pending
+        pending = store.cameras["front"].pending
+        cached, encoded_now = store.encode_frame(model, pending)   # a question's frame, on demand
+        assert encoded_now and cached.stamp_ns == NOW - S and len(model.batches) == 1
+        store.offer(frame(t=NOW))
+    woke = []
+    with store.hold_background():
+        t = threading.Thread(target=lambda: woke.append(store.wait_pending(5.0)))
+        t.start()
+        t.join(0.1)
+        assert t.is_alive()                             # still waiting while held
+    t.join(5.0)
+    assert woke == [True]                               # released: the worker wakes at once
+    assert [c.stamp_ns for c in store.encode_pending(model)] == [NOW]

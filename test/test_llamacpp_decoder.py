@@ -246,6 +246,38 @@ def test_lru_eviction(v2):
         d.close()
 
 
+@pytest.mark.parametrize("kind", ["llamacpp", "torch"])
+def test_prefill_leaves_a_question_only_its_text(v2, kind):
+    """prefill() evaluates prefix + image ahead of time; the answer is the same as without it."""
+    d = v2.decoder("f16", n_batch=64) if kind == "llamacpp" else \
+        TorchDecoder.from_state(v2.ckpt.config.llm, v2.ckpt.state, v2.tok)
+    try:
+        img = v2.images[2]
+        p = v2.prompt(QUESTIONS[0], img)
+        assert d.prefill(p, img) is True and d.cached_frames() == [img.key]
+        assert d.prefill(p, img) is False                  # cached already: nothing evaluated
+        g = d.generate(p, img, GREEDY16)
+        assert g.cached_prefix_tokens == len(p.prefix) + p.image_tokens
+        if kind == "llamacpp":
+            assert g.timings["evaluated_prompt_tokens"] == len(p.suffix)
+        assert g.ids == v2.reference(2, QUESTIONS[0]).ids
+        # an interrupted prefill caches nothing, and the frame is evaluated by its question instead
+        other = v2.images[3]
+        calls = []
+
+        def interrupt():
+            calls.append(1)                                # llama.cpp: stop before the second chunk;
+            return len(calls) > 1 or kind == "torch"       # torch evaluates in one call, checked first
+        assert d.prefill(v2.prompt(QUESTIONS[0], other), other, interrupt) is False
+        assert d.cached_frames() == [img.key]
+        if kind == "llamacpp":
+            assert len(calls) == 2                         # 144 tokens in chunks of 48: it did stop between them
+        g = d.generate(v2.prompt(QUESTIONS[1], other), other, GREEDY16)
+        assert g.ids == v2.reference(3, QUESTIONS[1]).ids and d.cached_frames() == [img.key, other.key]
+    finally:
+        d.close()
+
+
 def test_kv_full_evicts_older_frames(v2):
     """When the KV cells run out, least recently used frames make room (not the one in use)."""
     d = v2.decoder("f16", max_cached_frames=4, n_ctx=256)    # 256 cells: prefix + one frame

@@ -161,6 +161,25 @@ def test_action_streams_the_same_answer_token_by_token(client):
     assert feedback[-1][1] == res.answer
 
 
+def test_idle_node_prefills_the_newest_frame(client):
+    """With no request waiting, the newest fresh frame's image tokens go into the decoder (counted in
+    /diagnostics), so its first question pays only for its text; prefill_frames false turns that off."""
+    def prefilled():
+        return int(client.diag.get("requests", {}).get("frames_prefilled", 0))
+    before = prefilled()
+    client.publish_and_wait_encoded("front", synthetic(seed=11))
+    assert wait_for(lambda: prefilled() > before, 10), client.diag.get("requests")
+    assert client.set_param("prefill_frames", False).successful
+    try:
+        n = prefilled()
+        client.publish_and_wait_encoded("front", synthetic(seed=12))
+        time.sleep(1.0)                                 # five diagnostics periods
+        assert prefilled() == n
+        assert client.ask().success
+    finally:
+        assert client.set_param("prefill_frames", True).successful
+
+
 def test_cancel_stops_generation_between_tokens(client):
     client.publish_and_wait_encoded("front", synthetic())
     feedback = []

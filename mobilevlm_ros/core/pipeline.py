@@ -63,6 +63,10 @@ class MobileVLM:
             cancel: Optional[Callable[[], bool]] = None) -> Generation:
         return self.decoder.generate(self.prompt(question), image, params.validate(), on_token, cancel)
 
+    def prefill(self, image: ImageEmbedding, interrupt: Optional[Callable[[], bool]] = None) -> bool:
+        """Evaluate a frame's image tokens in the decoder ahead of its questions (see Decoder.prefill)."""
+        return self.decoder.prefill(self.prompt(""), image, interrupt)
+
     def describe(self) -> dict:
         return {"model_id": self.model_id, "image_tokens": self.image_tokens,
                 **self.vision.describe(), **self.decoder.describe()}

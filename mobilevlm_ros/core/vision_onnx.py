@@ -103,6 +103,10 @@ class OnnxRuntimeVision(VisionBackend):
         if threads:
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+        # ONNX Runtime's threads spin between and after their work; when an encode overlaps a question
+        # on the same cores that spinning takes the decoder's CPU time. Without it encoding is < 3 %
+        # slower (1.7B dims, int8, 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = select_providers(ort.get_available_providers(), providers, engine_cache,
                                   profile=(input_name, self.image_size, max_batch))
         t0 = time.perf_counter()

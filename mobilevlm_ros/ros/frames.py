@@ -9,7 +9,9 @@ Per camera (`CameraFrames`):
 - the embeddings of the last K encoded frames, with their headers (`frame_cache_size`).
 
 `FrameStore.encode_pending(model)` (the node's vision worker) takes the pending frame of every
-camera, decodes compressed ones, and encodes them in one batched `model.encode` call.
+camera, decodes compressed ones, and encodes them in one batched `model.encode` call. While
+`FrameStore.hold_background()` is held (the node holds it while it answers) the worker starts no
+encode: on a CPU an encode beside an answer takes the decoder's cores and the answer several times longer.
 `select_frame` picks the frame for a question: the newest encoded frame, or the cached frame
 closest to a requested stamp; a frame still pending is used (and encoded on demand by
 `FrameStore.encode_frame`) only when no encoded frame qualifies. Frames older than
@@ -17,12 +19,13 @@ closest to a requested stamp; a frame still pending is used (and encoded on dema
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -169,13 +172,15 @@ def check_requested_stamp(stamp_ns: int, now_ns: int, max_age_s: float,
 
 
 def select_frame(candidates: Iterable[AnyFrame], camera: str, now_ns: int, max_age_s: float,
-                 stamp_ns: int = 0) -> AnyFrame:
+                 stamp_ns: int = 0, ready: Optional[Callable[[AnyFrame], bool]] = None) -> AnyFrame:
     """The frame to answer about.
 
-    stamp_ns == 0: the newest encoded frame that is fresh enough; else the newest pending frame if
-    it is fresh enough (it will be encoded on demand). stamp_ns != 0: the frame (encoded first on a
-    tie) whose stamp is closest to it, if fresh enough. Fresh enough: at most max_age_s old at
-    now_ns (max_age_s <= 0: no limit). Raises FrameUnavailable with the reason.
+    stamp_ns == 0: the newest encoded frame for which `ready` is true (its image tokens are in the
+    decoder already, so the answer costs only its text), if fresh enough; else the newest encoded
+    frame that is fresh enough; else the newest pending frame if it is fresh enough (it will be
+    encoded on demand). stamp_ns != 0: the frame (encoded first on a tie) whose stamp is closest to
+    it, if fresh enough. Fresh enough: at most max_age_s old at now_ns (max_age_s <= 0: no limit).
+    Raises FrameUnavailable with the reason.
     """
     frames = list(candidates)
     if not frames:
@@ -189,7 +194,9 @@ def select_frame(candidates: Iterable[AnyFrame], camera: str, now_ns: int, max_a
         if fresh(best):
             return best
     else:
-        for group in ([f for f in frames if f.encoded], [f for f in frames if not f.encoded]):
+        encoded = [f for f in frames if f.encoded]
+        for group in ([f for f in encoded if ready(f)] if ready else [], encoded,
+                      [f for f in frames if not f.encoded]):
             if group:
                 best = max(group, key=lambda f: (f.stamp_ns, f.seq))
                 if fresh(best):
@@ -210,6 +217,7 @@ class FrameStore:
         self._lock = threading.Lock()
         self._has_pending = threading.Condition(self._lock)
         self.vision_lock = threading.Lock()
+        self._holds = 0                     # hold_background() in effect: no background encodes
         self.encode_errors = 0
         self.last_encode_error = ""
 
@@ -238,13 +246,30 @@ class FrameStore:
             st.last_reject = reason
 
     # ------------------------------------------------------------------ vision worker
+    def _background_ready(self) -> bool:      # self._lock is held
+        return self._holds == 0 and any(c.pending is not None for c in self.cameras.values())
+
     def wait_pending(self, timeout: float) -> bool:
-        """Block until some camera has a pending frame (True) or the timeout passes (False)."""
+        """Block until some camera has a pending frame and no hold_background() is in effect (True),
+        or the timeout passes (False)."""
         with self._lock:
-            if any(c.pending is not None for c in self.cameras.values()):
+            if self._background_ready():
                 return True
             self._has_pending.wait(timeout)
-            return any(c.pending is not None for c in self.cameras.values())
+            return self._background_ready()
+
+    @contextlib.contextmanager
+    def hold_background(self):
+        """No background encode starts while this is held (one already running finishes); frames
+        keep arriving (newer ones replace the pending one) and encode_frame still encodes on demand."""
+        with self._lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                self._has_pending.notify_all()
 
     def wake(self) -> None:
         with self._lock:
@@ -255,6 +280,8 @@ class FrameStore:
         Frames that cannot be decoded are counted as rejected and skipped."""
         with self.vision_lock:
             with self._lock:
+                if self._holds:             # an answer started since wait_pending: leave them pending
+                    return []
                 taken = [c.pending for c in self.cameras.values() if c.pending is not None]
                 for c in self.cameras.values():
                     c.pending = None
@@ -319,12 +346,13 @@ class FrameStore:
         return out
 
     # ------------------------------------------------------------------ questions
-    def select(self, camera: str, now_ns: int, max_age_s: float, stamp_ns: int = 0) -> AnyFrame:
+    def select(self, camera: str, now_ns: int, max_age_s: float, stamp_ns: int = 0,
+               ready: Optional[Callable[[AnyFrame], bool]] = None) -> AnyFrame:
         """Validate the requested stamp and pick the frame (see select_frame). Raises FrameUnavailable."""
         check_requested_stamp(stamp_ns, now_ns, max_age_s)
         with self._lock:
             candidates = self.cameras[camera].candidates()
-        return select_frame(candidates, camera, now_ns, max_age_s, stamp_ns)
+        return select_frame(candidates, camera, now_ns, max_age_s, stamp_ns, ready)
 
     def latest_cached(self, camera: str) -> Optional[CachedFrame]:
         with self._lock:

@@ -24,6 +24,7 @@ timers and validation are never held up by generation.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -142,6 +143,10 @@ PARAMS = (
     Param("image_qos_depth", 1, "image subscriptions' history depth", "activate", low=1, high=1000),
     Param("vision_rate_hz", 2.0, "most frame-batch encodes per second; 0 = as fast as possible", low=0.0,
           high=1000.0),
+    Param("vision_during_answers", False, "encode frames in the background also while a question is "
+          "answered; false = answers first (on a CPU an encode beside an answer takes the decoder's cores)"),
+    Param("prefill_frames", True, "while no request waits, evaluate the newest fresh frame of each camera "
+          "in the decoder, so that a question about it pays only for its own text"),
     Param("frame_cache_size", 4, "encoded frames (embeddings + headers) kept per camera", "configure",
           low=1, high=1000),
     Param("max_frame_age_s", 2.0, "frames older than this (node clock at question time) are not used; "
@@ -290,7 +295,8 @@ class MobileVLMNode(LifecycleNode):
         self._last_captioned: Dict[str, int] = {}
         self.last_error = ""
         self._counts = dict(requests=0, answers=0, errors=0, busy=0, cancelled=0, captions=0,
-                            captions_skipped=0)
+                            captions_skipped=0, frames_prefilled=0)
+        self._prefilled: Dict[str, int] = {}     # camera -> seq of the frame last prefilled
         self._last_total_ms = 0.0
         self.finished = Future()            # completed by the shutdown transition: main() exits
 
@@ -533,6 +539,9 @@ class MobileVLMNode(LifecycleNode):
             if rate > 0 and delay > 0:
                 self._stop.wait(min(delay, 0.2))
                 continue
+            if self._prefill_due():         # the decoder first: encode, prefill, encode, ...
+                self._stop.wait(0.02)
+                continue
             t0 = time.monotonic()
             try:
                 self._frames.encode_pending(self._model)
@@ -559,7 +568,9 @@ class MobileVLMNode(LifecycleNode):
                 model, frames = self._model, self._frames
             model.prompt(req.question)              # special tokens in the question: RequestError
             try:
-                frame = frames.select(camera, now, self._cfg["max_frame_age_s"], stamp_ns(req.stamp))
+                in_decoder = set(model.decoder.cached_frames())     # answered without image prefill
+                frame = frames.select(camera, now, self._cfg["max_frame_age_s"], stamp_ns(req.stamp),
+                                      ready=lambda f: f.embedding.key in in_decoder)
             except FrameUnavailable as e:
                 if frames.stats()[camera].received == 0:
                     raise FrameUnavailable(f"{e} (topics: {', '.join(self._topics.get(camera, []))})") from None
@@ -672,18 +683,26 @@ class MobileVLMNode(LifecycleNode):
                 self._in_callbacks -= 1
 
     # -------------------------------------------------------------------------------- generation worker
+    def _decoder_turn(self):
+        """Held while the decoder works: unless vision_during_answers, no background encode starts."""
+        if self._cfg["vision_during_answers"]:
+            return contextlib.nullcontext()
+        return self._frames.hold_background()
+
     def _generation_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self._queue.get(timeout=0.2)
+                job = self._queue.get(timeout=0.05)
             except queue.Empty:
+                self._prefill_idle()
                 continue
             with self._lock:
                 self._current = job
                 if not self._serving:       # taken just as the node stopped serving
                     job.abort_reason = job.abort_reason or "the node stopped serving"
             try:
-                self._run(job)
+                with self._decoder_turn():
+                    self._run(job)
             except Exception as e:          # never leave a request unanswered
                 self.get_logger().error(f"generation failed: {type(e).__name__}: {e}")
                 job.finish(**error_result(f"internal error: {type(e).__name__}: {e}", job.camera, job.t0))
@@ -692,6 +711,46 @@ class MobileVLMNode(LifecycleNode):
                     self._current = None
                 if not job.done.is_set():
                     job.finish(**error_result("internal error: request not answered", job.camera, job.t0))
+
+    def _to_prefill(self):
+        """(camera, cached frame) pairs whose newest encoded frame is fresh and not yet prefilled."""
+        frames = self._frames
+        if not self._cfg["prefill_frames"] or not self._serving or frames is None:
+            return []
+        max_age_s = self._cfg["max_frame_age_s"]
+        now = self.get_clock().now().nanoseconds
+        todo = []
+        for camera in self._cfg["cameras"]:
+            cached = frames.latest_cached(camera)
+            if cached is None or self._prefilled.get(camera) == cached.seq:
+                continue
+            if max_age_s <= 0 or now - cached.stamp_ns <= max_age_s * NS:
+                todo.append((camera, cached))
+        return todo
+
+    def _prefill_due(self) -> bool:
+        """Whether the vision worker should wait for the decoder to take the newest frames first:
+        on shared cores an encode beside a prefill slows both, and an encoded frame that is never
+        prefilled costs its first question the image tokens."""
+        return not self._cfg["vision_during_answers"] and bool(self._to_prefill())
+
+    def _prefill_idle(self) -> None:
+        """With no request waiting: evaluate each camera's newest encoded frame in the decoder, if a
+        question could still use it (max_frame_age_s), so that the question pays only for its text."""
+        model = self._model
+        if model is None:
+            return
+        for camera, cached in self._to_prefill():
+            if not self._queue.empty():
+                return
+            # one attempt per frame, even if a request interrupts it: the vision worker waits for it
+            self._prefilled[camera] = cached.seq
+            try:
+                with self._decoder_turn():      # a request that arrives meanwhile stops it
+                    if model.prefill(cached.embedding, interrupt=lambda: not self._queue.empty()):
+                        self._count("frames_prefilled")
+            except MobileVLMError as e:     # the question about this frame will report it
+                self.get_logger().warning(f"prefill of a {camera} frame failed: {e}", throttle_duration_sec=5.0)
 
     def _run(self, job: Job) -> None:
         if job.cancelled():

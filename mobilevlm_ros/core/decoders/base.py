@@ -22,6 +22,20 @@ class Decoder(ABC):
         """Answer `prompt` with `image` in its slot. Thread-compatible, not thread-safe: callers
         serialise calls (the node has one generation worker)."""
 
+    @abstractmethod
+    def prefill(self, prompt: PromptIds, image: ImageEmbedding,
+                interrupt: Optional[Callable[[], bool]] = None) -> bool:
+        """Evaluate `prompt`'s prefix and `image`'s tokens into the frame cache now (while the caller
+        is idle), so that a question about this frame evaluates only its own text. True if it was
+        evaluated, False if it was cached already or `interrupt` (polled between chunks, where the
+        decoder supports that) returned True first. Same threading rules as generate."""
+
+    def cached_frames(self) -> list:
+        """Keys (ImageEmbedding.key) of the frames whose image tokens are cached, least recently used
+        first. Subclasses keep them in self._frames, a FrameCache keyed by (image key, prompt prefix).
+        Safe to call from another thread (a copy is taken at once)."""
+        return [k[0] for k in list(self._frames)]
+
     def describe(self) -> dict:
         return {"decoder": self.name}
 

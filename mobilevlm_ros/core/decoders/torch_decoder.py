@@ -75,6 +75,13 @@ class TorchDecoder(Decoder):
         return kv, False
 
     @torch.inference_mode()
+    def prefill(self, prompt: PromptIds, image: ImageEmbedding,
+                interrupt: Optional[Callable[[], bool]] = None) -> bool:
+        if interrupt is not None and interrupt():      # the image goes in one call: check once
+            return False
+        return not self._frame_kv(prompt, image)[1]
+
+    @torch.inference_mode()
     def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
                  on_token: Optional[TokenCallback] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> Generation:
