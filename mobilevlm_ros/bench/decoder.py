@@ -18,25 +18,30 @@ the model's width; the decoder's cost does not depend on their values):
   llama.cpp pp / tg   llama.cpp's own speed on the same file, same threads, same process: a plain loop
                       of llama_decode calls (the same image embeddings + text in n_batch chunks, then
                       1-token batches with llama.cpp's greedy sampler), no caching, no Python per token
-  ratio               our decode tok/s / llama.cpp tg tok/s (target >= 0.95)
+  ratio               our decode tok/s / llama.cpp tg tok/s of each pair of runs (target >= 0.95)
+  ceiling             the decode tok/s this machine's memory bandwidth allows: read bandwidth measured
+                      before and after every quantization's runs (bench/bandwidth.py, median pass) / the
+                      bytes one decode step reads (weights + f16 KV cache at the mean decode position)
   peak RSS            VmHWM of the child after our decoder's runs, before llama.cpp's own context
 
 Every figure is the median over --repeats timed runs after --warmup untimed ones, with min and max;
 ours and llama.cpp's runs alternate so that background load hits both alike. Prints a markdown table;
-writes OUT/decoder.json and OUT/decoder.md.
+writes OUT/decoder.json, OUT/decoder.md and OUT/decoder.png.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
+from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, run_worker, stats,
+                     worker_main, write_results)
 
 QUANTS = ("q4_k_m", "q8_0", "f16")
 QUESTIONS = ("What objects are on the table in front of the robot?",
@@ -44,48 +49,20 @@ QUESTIONS = ("What objects are on the table in front of the robot?",
              "Describe the scene in detail.")
 IMAGE_TOKENS = 144
 
-from .common import peak_rss_mb, stats, write_results
-
 # ------------------------------------------------------------------------------------ helpers
 
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "load_avg_start": round(os.getloadavg()[0], 2)}
+def _machine(threads: int) -> dict:
+    info = machine_info(threads)
     try:
         import llama_cpp
-        info["llama_cpp_python"] = llama_cpp.__version__
         info["llama_cpp_system"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     except Exception:
         pass
     return info
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def _run_child(job: dict, timeout: float) -> dict:
-    """Run this module as a worker on `job`; its JSON result."""
-    with tempfile.TemporaryDirectory(prefix="mobilevlm-bench-") as tmp:
-        jf, rf = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        jf.write_text(json.dumps(job), encoding="utf-8")
-        proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.bench.decoder", "--worker", str(jf),
-                               str(rf)], env=_child_env(), timeout=timeout)
-        if proc.returncode != 0 or not rf.is_file():
-            raise RuntimeError(f"benchmark worker for {job.get('kind')} {job.get('quant', '')} failed "
-                               f"(exit code {proc.returncode})")
-        return json.loads(rf.read_text(encoding="utf-8"))
+    return run_worker("mobilevlm_ros.bench.decoder", job, timeout)
 
 
 def _log(msg: str) -> None:
@@ -308,51 +285,65 @@ def _worker_quant(job: dict) -> dict:
                                 "suffix": len(prompts[1].suffix)},
               "peak_rss_mb": rss_ours, "peak_rss_with_llama_ctx_mb": peak_rss_mb(),
               **{k: stats(v) for k, v in rows.items()}}
-    d, t = result["decode_tok_s"]["median"], result["llama_tg_tok_s"]["median"]
-    result["decode_ratio"] = d / t if d and t else None
-    p, q = result["prompt_eval_tok_s"]["median"], result["llama_pp_tok_s"]["median"]
-    result["prompt_eval_ratio"] = p / q if p and q else None
+    # ours and llama.cpp's runs alternate: the ratio of each pair cancels load that hit both
+    result["decode_ratio"] = stats([d / t for d, t in zip(rows["decode_tok_s"], rows["llama_tg_tok_s"])])
+    result["prompt_eval_ratio"] = stats([p / q for p, q in zip(rows["prompt_eval_tok_s"], rows["llama_pp_tok_s"])])
     pure.close()
     dec.close()
     return result
 
 
-def _worker_main(job_file: str, result_file: str) -> int:
-    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
-    res = _worker_export(job) if job["kind"] == "export" else _worker_quant(job)
-    Path(result_file).write_text(json.dumps(res), encoding="utf-8")
-    return 0
+def _work(job: dict) -> dict:
+    return _worker_export(job) if job["kind"] == "export" else _worker_quant(job)
 
 
 # ------------------------------------------------------------------------------------ report
 
-def _fmt(s: dict, digits=1) -> str:
-    if not s or s.get("median") is None:
-        return "-"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
 def table(result: dict) -> str:
     head = ("| quant | file MB | prompt eval tok/s | llama.cpp pp tok/s | decode tok/s | llama.cpp tg tok/s "
-            "| ratio | decode, 4 frames cached | TTFT cached frame ms | TTFT new frame ms | TTFT no reuse ms "
-            "| peak RSS MB |")
+            "| ratio | ceiling tok/s | ours / ceiling | decode, 4 frames cached | TTFT cached frame ms "
+            "| TTFT new frame ms | TTFT no reuse ms | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["quants"]:
-        ratio = f"{r['decode_ratio']:.2f}" if r.get("decode_ratio") else "-"
-        lines.append(f"| {r['quant']} | {r['file_mb']:.0f} | {_fmt(r['prompt_eval_tok_s'])} | "
-                     f"{_fmt(r['llama_pp_tok_s'])} | {_fmt(r['decode_tok_s'], 2)} | {_fmt(r['llama_tg_tok_s'], 2)} | "
-                     f"{ratio} | {_fmt(r['decode_4cached_tok_s'], 2)} | {_fmt(r['ttft_cached_ms'], 0)} | "
-                     f"{_fmt(r['ttft_new_frame_ms'], 0)} | {_fmt(r['ttft_no_reuse_ms'], 0)} | "
-                     f"{r['peak_rss_mb']:.0f} |")
-    m = result["machine"]
+        c = r.get("ceiling", {})
+        lines.append(f"| {r['quant']} | {r['file_mb']:.0f} | {fmt(r['prompt_eval_tok_s'])} | "
+                     f"{fmt(r['llama_pp_tok_s'])} | {fmt(r['decode_tok_s'], 2)} | {fmt(r['llama_tg_tok_s'], 2)} | "
+                     f"{fmt(r['decode_ratio'], 2)} | {c.get('tok_s', 0):.1f} | {c.get('ours_fraction', 0):.2f} | "
+                     f"{fmt(r['decode_4cached_tok_s'], 2)} | {fmt(r['ttft_cached_ms'], 0)} | "
+                     f"{fmt(r['ttft_new_frame_ms'], 0)} | {fmt(r['ttft_no_reuse_ms'], 0)} | {r['peak_rss_mb']:.0f} |")
+    bw = result.get("bandwidth", {})
     ex = result.get("export", {})
     notes = [f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
-             f"{result['tokens']} tokens decoded per run; threads {m['threads']} on {m['cpu']} "
-             f"({m['cpu_count']} CPUs, load {m['load_avg_start']} at start).",
-             "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file (target >= 0.95)."]
+             f"{result['tokens']} tokens decoded per run; {machine_line(result['machine'])}.",
+             "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file, per pair of "
+             "alternating runs (target >= 0.95)."]
+    if bw:
+        r0 = result["quants"][0]["ceiling"]
+        notes.append(f"ceiling = measured read bandwidth {bw['median_gbps']:.1f} GB/s (median of {bw['n']} passes "
+                     f"around the runs, {bw['min_gbps']:.1f}–{bw['best_gbps']:.1f}) / bytes read per decoded token "
+                     f"(weights + f16 KV at position {r0['position']}; {result['quants'][0]['quant']}: "
+                     f"{r0['bytes'] / 1e6:.0f} MB).")
     if ex and not ex.get("cached") and ex.get("seconds"):
         notes.append(f"GGUF export: {ex['seconds']:.0f} s, peak RSS {ex['peak_rss_mb']:.0f} MB.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def plot(result: dict, ax) -> None:
+    labels, values, errors, colors = [], [], [], []
+    for r in result["quants"]:
+        for label, key, color in (("ours", "decode_tok_s", "tab:blue"), ("llama.cpp", "llama_tg_tok_s", "tab:orange")):
+            labels.append(f"{r['quant']} {label}")
+            values.append(r[key]["median"])
+            errors.append(minmax(r[key]))
+            colors.append(color)
+        if r.get("ceiling"):
+            labels.append(f"{r['quant']} bandwidth ceiling")
+            values.append(r["ceiling"]["tok_s"])
+            errors.append((r["ceiling"]["tok_s"], r["ceiling"]["tok_s"]))
+            colors.append("tab:gray")
+    barh(ax, labels, values, errors, xlabel="decode tokens/s (median, min–max)",
+         title="Decode: ours, llama.cpp's own loop, bandwidth ceiling", color=colors,
+         fmt_value="{:.1f}")
 
 
 def run(a) -> dict:
@@ -378,18 +369,31 @@ def run(a) -> dict:
         section, folder, export_info = ensure_gguf(model, gguf_dir, quants, a.timeout)
         tokenizer = model / "tokenizer.model"
         result = {"benchmark": "decoder", "model": str(model.resolve()), "tokens": a.tokens,
-                  "repeats": a.repeats, "warmup": a.warmup, "machine": machine_info(threads),
+                  "repeats": a.repeats, "warmup": a.warmup, "machine": _machine(threads),
                   "export": export_info, "quants": []}
+        bandwidth = [measure_read_bandwidth(threads=threads)]
         for q in quants:
             _log(f"{q}: {section[q]['file']} ...")
-            r = _run_child({"kind": "quant", "quant": q, "gguf": str(folder / section[q]["file"]),
+            gguf = folder / section[q]["file"]
+            r = _run_child({"kind": "quant", "quant": q, "gguf": str(gguf),
                             "tokenizer": str(tokenizer), "threads": threads, "tokens": a.tokens,
                             "repeats": a.repeats, "warmup": a.warmup, "n_ctx": a.n_ctx,
                             "n_ctx_pure": max(512, a.n_ctx or 0)}, a.timeout)
+            bandwidth.append(measure_read_bandwidth(threads=threads))
+            p = r["prompt_tokens"]      # mean KV position while decoding the measured answer
+            r["ceiling"] = decode_bytes_per_token(gguf, p["prefix"] + p["image"] + p["suffix"] + a.tokens // 2)
             result["quants"].append(r)
             _log(f"{q}: decode {r['decode_tok_s']['median']:.2f} tok/s vs llama.cpp "
-                 f"{r['llama_tg_tok_s']['median']:.2f} (ratio {r['decode_ratio']:.2f})")
-        result["machine"]["load_avg_end"] = round(os.getloadavg()[0], 2)
+                 f"{r['llama_tg_tok_s']['median']:.2f} (ratio {r['decode_ratio']['median']:.2f})")
+        passes = stats([g for b in bandwidth for g in b["passes_gbps"]])
+        result["bandwidth"] = {"median_gbps": passes["median"], "best_gbps": passes["max"],
+                               "min_gbps": passes["min"], "n": passes["n"], "measurements": bandwidth}
+        for r in result["quants"]:
+            c = r["ceiling"]
+            c["tok_s"] = ceiling(result["bandwidth"], c)
+            c["ours_fraction"] = r["decode_tok_s"]["median"] / c["tok_s"]
+            c["llama_fraction"] = r["llama_tg_tok_s"]["median"] / c["tok_s"]
+        finish_machine(result["machine"])
         return result
     finally:
         if tmp is not None:
@@ -398,8 +402,9 @@ def run(a) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        return _worker_main(argv[1], argv[2])
+    code = worker_main(argv, _work)
+    if code is not None:
+        return code
     ap = argparse.ArgumentParser(prog="mobilevlm-bench decoder", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (exported first) or artifacts folder")
     ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated: q4_k_m,q8_0,f16")
@@ -421,7 +426,7 @@ def main(argv=None) -> int:
         return 1
     md = table(result)
     print(md)
-    write_results(a.out, "decoder", result, md)
+    write_results(a.out, "decoder", result, md, plot)
     return 0
 
 

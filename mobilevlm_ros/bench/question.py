@@ -7,21 +7,21 @@
 only its own text and the answer). `reference`: what the official inference script does, PyTorch
 float32 with transformers: CLIP + projector re-run for every question, then `generate` over the whole
 prompt. Both answer the same question about the same image with exactly `--tokens` generated tokens
-(EOS suppressed). Each configuration runs in its own process, so its peak resident memory is its own.
+(EOS suppressed); each figure is the median (min–max) of --repeats questions after one warm-up.
+Each configuration runs in its own process, so its peak resident memory is its own.
+Prints a markdown table; writes OUT/question.json, OUT/question.md and OUT/question.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import peak_rss_mb, stats, write_results
+from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, run_worker, stats,
+                     worker_main, write_results)
 
 QUESTION = "What is in the image? Describe it."
 
@@ -56,7 +56,7 @@ def run_ours(a) -> dict:
             ttft.append(gen.first_token_ms)
             total.append(elapsed)
     return {"config": f"ours: onnxruntime {a.vision_dtype} vision + llama.cpp {a.quant}", "ttft_ms": stats(ttft),
-            "total_ms": stats(total), "vision_ms": stats(vision[1:]),
+            "total_ms": stats(total), "ttft_ms_all": ttft, "total_ms_all": total, "vision_ms": stats(vision[1:]),
             "peak_rss_mb": peak_rss_mb(), "model": model.describe()}
 
 
@@ -64,6 +64,7 @@ def run_reference(a) -> dict:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from ..core.checkpoint import load_checkpoint
     from ..core.prompt import build_prompt
@@ -85,13 +86,18 @@ def run_reference(a) -> dict:
     projector = build_projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm.hidden_size).eval()
     projector.load_state_dict({k: v.float() for k, v in ckpt.projector_state().items()})
     l = cfg.llm
-    llm = LlamaForCausalLM(LlamaConfig(
+    llm_cfg = LlamaConfig(
         hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
         num_hidden_layers=l.num_hidden_layers, num_attention_heads=l.num_attention_heads,
         num_key_value_heads=l.num_key_value_heads, vocab_size=l.vocab_size,
         max_position_embeddings=l.max_position_embeddings, rms_norm_eps=l.rms_norm_eps,
-        rope_theta=l.rope_theta, tie_word_embeddings=False)).eval()
-    llm.load_state_dict({k: v.float() for k, v in ckpt.llm_state().items() if "rotary_emb" not in k})
+        rope_theta=l.rope_theta, tie_word_embeddings=False)
+    with torch.device("meta"):          # no random init: one float32 copy of the weights, not two
+        llm = LlamaForCausalLM(llm_cfg)
+    llm.load_state_dict({k: v.float() for k, v in ckpt.llm_state().items() if "rotary_emb" not in k},
+                        assign=True)
+    llm.model.rotary_emb = LlamaRotaryEmbedding(llm_cfg)    # its buffer is computed, not stored
+    llm.eval()
     processor = CLIPImageProcessor(size={"shortest_edge": vcfg.image_size},
                                    crop_size={"height": vcfg.image_size, "width": vcfg.image_size},
                                    image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist())
@@ -129,10 +135,15 @@ def run_reference(a) -> dict:
             ttft.append((first.t - t0) * 1e3)
             total.append(elapsed)
     return {"config": "reference-style: PyTorch fp32, re-encode + transformers generate",
-            "ttft_ms": stats(ttft), "total_ms": stats(total), "peak_rss_mb": peak_rss_mb()}
+            "ttft_ms": stats(ttft), "total_ms": stats(total), "ttft_ms_all": ttft, "total_ms_all": total,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 WORKERS = {"ours": run_ours, "reference": run_reference}
+
+
+def _work(job: dict) -> dict:
+    return WORKERS[job.pop("config")](argparse.Namespace(**job))
 
 
 def ensure_artifacts(a) -> Path:
@@ -141,23 +152,72 @@ def ensure_artifacts(a) -> Path:
     out = Path(a.out) / "artifacts"
     if not (out / "manifest.json").is_file():
         from ..tools.export import main as export_main
-        rc = export_main(["--model", str(a.model), "--out", str(out), "--quant", a.quant])
+        rc = export_main(["--model", str(a.model), "--out", str(out), "--quant", a.quant,
+                          "--vision-dtype", a.vision_dtype])
         if rc:
             raise SystemExit(f"export failed ({rc})")
     return out
 
 
-def table(rows) -> str:
-    lines = ["| configuration | time to first token (ms) median [min-max] | 32-token answer (ms) median "
-             "[min-max] | peak RSS (MB) |", "|---|---|---|---|"]
-    for r in rows:
-        t, tt = r["ttft_ms"], r["total_ms"]
-        lines.append(f"| {r['config']} | {t['median']:.0f} [{t['min']:.0f}-{t['max']:.0f}] | "
-                     f"{tt['median']:.0f} [{tt['min']:.0f}-{tt['max']:.0f}] | {r['peak_rss_mb']:.0f} |")
+def run(a) -> dict:
+    configs = [c for c in a.configs.split(",") if c]
+    bad = [c for c in configs if c not in WORKERS]
+    if bad:
+        raise SystemExit(f"mobilevlm-bench question: unknown configuration {bad} (choose from {', '.join(WORKERS)})")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    if "ours" in configs:
+        a.artifacts = str(ensure_artifacts(a))
+    info = machine_info(a.threads)
+    rows = []
+    for name in configs:
+        print(f"[bench question] {name} ...", file=sys.stderr, flush=True)
+        job = {"config": name, "model": str(a.model), "artifacts": a.artifacts, "quant": a.quant,
+               "vision_dtype": a.vision_dtype, "tokens": a.tokens, "repeats": a.repeats, "threads": a.threads}
+        rows.append({"name": name, **run_worker("mobilevlm_ros.bench.question", job, a.timeout)})
+    result = {"benchmark": "question", "model": str(a.model), "question": QUESTION, "tokens": a.tokens,
+              "repeats": a.repeats, "machine": finish_machine(info), "configs": rows}
+    by = {r["name"]: r for r in rows}
+    if "ours" in by and "reference" in by:
+        result["speedup_total"] = by["reference"]["total_ms"]["median"] / by["ours"]["total_ms"]["median"]
+        result["speedup_ttft"] = by["reference"]["ttft_ms"]["median"] / by["ours"]["ttft_ms"]["median"]
+    return result
+
+
+def table(result: dict) -> str:
+    n = result["tokens"]
+    lines = [f"| configuration | time to first token ms | {n}-token answer ms | tokens/s after the first | "
+             "peak RSS MB |", "|---|---|---|---|---|"]
+    for r in result["configs"]:
+        rate = stats([(n - 1) / ((t - f) / 1e3) for t, f in zip(r["total_ms_all"], r["ttft_ms_all"])])
+        lines.append(f"| {r['config']} | {fmt(r['ttft_ms'], 0)} | {fmt(r['total_ms'], 0)} | {fmt(rate)} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    lines.append("")
+    lines.append(f"Medians (min–max) of {result['repeats']} questions after a warm-up: \"{result['question']}\", "
+                 f"{n} tokens forced; {machine_line(result['machine'])}.")
+    if "speedup_total" in result:
+        lines.append(f"reference / ours: {result['speedup_total']:.1f}x for the whole answer, "
+                     f"{result['speedup_ttft']:.1f}x to the first token.")
     return "\n".join(lines)
 
 
+def plot(result: dict, ax) -> None:
+    labels, values, errors, colors = [], [], [], []
+    for r in result["configs"]:
+        for what, key, color in (("first token", "ttft_ms", "tab:cyan"), ("whole answer", "total_ms", "tab:blue")):
+            labels.append(f"{r['name']}: {what}")
+            values.append(r[key]["median"])
+            errors.append(minmax(r[key]))
+            colors.append(color if r["name"] == "ours" else "tab:gray")
+    barh(ax, labels, values, errors, xlabel=f"ms (median, min–max), {result['tokens']} tokens",
+         title="A question about a frame already seen", color=colors)
+    ax.set_xscale("log")
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = worker_main(argv, _work)
+    if code is not None:
+        return code
     ap = argparse.ArgumentParser(prog="mobilevlm-bench question", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (e.g. make-tiny --dims 1.7b)")
     ap.add_argument("--artifacts", help="exported folder; default: export into OUT/artifacts")
@@ -167,33 +227,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--configs", default="ours,reference")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     ap.add_argument("--out", default="results/question")
-    ap.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.worker:
-        print(json.dumps(WORKERS[a.worker](a)))
-        return 0
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    a.artifacts = str(ensure_artifacts(a)) if "ours" in a.configs else a.artifacts
-    rows = []
-    for name in a.configs.split(","):
-        cmd = [sys.executable, "-m", "mobilevlm_ros.bench.question", "--worker", name, "--model", str(a.model),
-               "--quant", a.quant, "--vision-dtype", a.vision_dtype, "--tokens", str(a.tokens), "--repeats", str(a.repeats),
-               "--threads", str(a.threads), "--out", a.out]
-        if a.artifacts:
-            cmd += ["--artifacts", a.artifacts]
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    md = table(rows)
-    if len(rows) == 2:
-        ratio = rows[1]["total_ms"]["median"] / rows[0]["total_ms"]["median"]
-        md += f"\n\nreference / ours, 32-token answer: {ratio:.1f}x"
+    try:
+        result = run(a)
+    except RuntimeError as e:
+        print(f"mobilevlm-bench question: {e}", file=sys.stderr)
+        return 1
+    md = table(result)
     print(md)
-    write_results(a.out, "question", rows, md)
+    write_results(a.out, "question", result, md, plot)
     return 0
 
 

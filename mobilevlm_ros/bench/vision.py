@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .common import barh, finish_machine, machine_info, machine_line, write_results
 
 
 def bench_frames(n: int = 4, h: int = 480, w: int = 640, seed: int = 7) -> list:
@@ -41,25 +41,6 @@ def bench_frames(n: int = 4, h: int = 480, w: int = 640, seed: int = 7) -> list:
         img += rng.integers(-25, 25, img.shape)
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return out
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads or "default",
-            "python": platform.python_version(), "load_avg_start": os.getloadavg()[0]}
-    for mod in ("numpy", "torch", "onnxruntime"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    return info
 
 
 def _time_pre(frames) -> dict:
@@ -196,7 +177,7 @@ def run(a) -> dict:
             backend.close()
             del backend
             gc.collect()
-    info["load_avg_end"] = os.getloadavg()[0]
+    finish_machine(info)
     result = {"benchmark": "vision", "model": str(model), "artifacts": str(artifacts),
               "projector_type": manifest.get("projector_type"), "hidden_size": manifest.get("hidden_size"),
               "image_tokens": manifest.get("image_tokens"), "repeats": a.repeats, "warmup": a.warmup,
@@ -218,12 +199,20 @@ def table(result: dict) -> str:
                      f"{r['batch']} | {r['ms_per_frame_median']:.0f} | {r['ms_per_frame_min']:.0f} | "
                      f"{r['ms_per_frame_max']:.0f} | {r['frames_per_s']:.2f} | {r['cpu_ms_per_frame_median']:.0f} | "
                      f"{r['cosine_vs_torch_fp32']:.6f} | {r['max_abs_diff']:.3g} |")
-    m = result["machine"]
     lines.append("")
-    lines.append(f"{m['cpu']}, {m['cpu_count']} cores, threads {m['threads']}; load average "
-                 f"{m['load_avg_start']:.1f} at start, {m.get('load_avg_end', 0):.1f} at end; "
-                 f"preprocess {result['preprocess_ms']} ms/frame (normalise alone {result['normalize_ms']} ms)")
+    lines.append(f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
+                 f"{machine_line(result['machine'])}; preprocess {result['preprocess_ms']} ms/frame "
+                 f"(normalise alone {result['normalize_ms']} ms)")
     return "\n".join(lines)
+
+
+def plot(result: dict, ax) -> None:
+    rows = [r for r in result["results"] if "error" not in r]
+    barh(ax, [f"{r['backend']} {r['dtype']}, batch {r['batch']}" for r in rows],
+         [r["ms_per_frame_median"] for r in rows],
+         [(r["ms_per_frame_min"], r["ms_per_frame_max"]) for r in rows],
+         xlabel="ms per frame (median, min–max)", title="Vision encoder + projector per frame",
+         color=["tab:gray" if r["backend"] == "torch" else "tab:blue" for r in rows])
 
 
 def main(argv=None) -> int:
@@ -246,8 +235,7 @@ def main(argv=None) -> int:
         return 1
     md = table(result)
     print(md)
-    from .common import write_results
-    write_results(a.out, "vision", result, md)
+    write_results(a.out, "vision", result, md, plot)
     return 0
 
 

@@ -40,7 +40,8 @@ def localhost_env(env: Optional[dict] = None) -> dict:
 
 
 def proc_status(pid: int) -> Dict[str, float]:
-    """VmRSS / VmHWM in MB and the thread count of a process (empty once it has exited)."""
+    """VmRSS / VmHWM in MB, the thread count and the CPU seconds used so far (user + system) of a
+    process (empty once it has exited)."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -49,7 +50,9 @@ def proc_status(pid: int) -> Dict[str, float]:
                 out[key] = int(value.split()[0]) / 1024
             elif key == "Threads":
                 out[key] = int(value)
-    except (OSError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+    except (OSError, ValueError, IndexError):
         pass
     return out
 
@@ -140,6 +143,8 @@ class Outcome:
     latency_ms: float
     frame_age_ms: float = float("nan")
     error: str = ""
+    vision_ms: float = 0.0   # > 0: the frame was encoded for this question (no encoded frame was fresh)
+    tokens: int = 0
 
 
 @dataclass
@@ -282,11 +287,12 @@ class Flood:
                     raise TimeoutError(f"no response from /{self.node_name}/ask within {timeout:.0f} s")
 
     # ------------------------------------------------------------------ traffic
-    def _publish_loop(self, s: CameraStream, t_end: float):
+    def _publish_loop(self, s: CameraStream, t_end: float, done: Optional[threading.Event] = None):
         pub, msg = self.pubs[s.name], self.messages[s.name]
         period = 1.0 / s.rate_hz
         next_t = time.monotonic()
-        while not self._stop.is_set() and time.monotonic() < t_end:
+        done = done or self._stop
+        while not done.is_set() and not self._stop.is_set() and time.monotonic() < t_end:
             msg.header.stamp = self.monitor.get_clock().now().to_msg()
             pub.publish(msg)
             self.frames_sent[s.name] += 1
@@ -316,7 +322,8 @@ class Flood:
             res = future.result()
             latency = (time.monotonic() - sent_at) * 1e3
             if res.success:
-                out = Outcome(time.monotonic() - t0, "answered", latency, res.frame_age_ms)
+                out = Outcome(time.monotonic() - t0, "answered", latency, res.frame_age_ms,
+                              vision_ms=res.vision_ms, tokens=res.completion_tokens)
             elif res.error.startswith(BUSY):
                 out = Outcome(time.monotonic() - t0, "busy", latency, error=res.error)
             else:
@@ -325,6 +332,30 @@ class Flood:
                 self.outcomes.append(out)
             if self.ask_interval_s > 0:
                 self._stop.wait(self.ask_interval_s)
+
+    def encoded(self) -> bool:
+        """Whether every camera has had a frame encoded (per the node's diagnostics)."""
+        return all(int(self.camera_counters(s.name).get("frames_encoded", 0)) > 0 for s in self.streams)
+
+    def prime(self, timeout: float = 60.0) -> None:
+        """Stream until the node has encoded a frame of every camera, so that what is measured next
+        starts with frames in the node (best-effort frames sent before both sides of a topic
+        matched are lost). Raises TimeoutError."""
+        done = threading.Event()
+        deadline = time.monotonic() + timeout
+        threads = [threading.Thread(target=self._publish_loop, args=(s, deadline, done), daemon=True)
+                   for s in self.streams]
+        for t in threads:
+            t.start()
+        while not self.encoded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done.set()
+        for t in threads:
+            t.join()
+        if not self.encoded():
+            received = {s.name: self.camera_counters(s.name).get("frames_received", 0) for s in self.streams}
+            raise TimeoutError(f"the node had not encoded a frame of every camera within {timeout:.0f} s "
+                               f"(frames received: {received})")
 
     def run(self, duration_s: float, warmup_s: float = 0.0, sample_period_s: float = 1.0,
             on_sample: Optional[Callable[[dict], None]] = None) -> FloodSummary:
@@ -338,8 +369,7 @@ class Flood:
         # the clients start together once every camera has delivered a frame (questions before
         # that would only measure "no frame received yet")
         deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and not all(
-                int(self.camera_counters(s.name).get("frames_encoded", 0)) > 0 for s in self.streams):
+        while time.monotonic() < deadline and not self.encoded():
             time.sleep(0.05)
         start = threading.Barrier(len(self.clients) + 1)
         clients = [threading.Thread(target=self._ask_loop, args=(c, t0, t_end, start), daemon=True)
@@ -380,6 +410,7 @@ class Flood:
             row["rss_mb"] = st.get("VmRSS", float("nan"))
             row["hwm_mb"] = st.get("VmHWM", float("nan"))
             row["threads"] = st.get("Threads", 0)
+            row["cpu_s"] = st.get("cpu_s", float("nan"))
         for s in self.streams:
             c = self.camera_counters(s.name)
             row[f"{s.name}_sent"] = self.frames_sent[s.name]
@@ -404,7 +435,7 @@ class Flood:
         kinds: Dict[str, int] = {}
         for o in outcomes:
             if o.kind not in ("answered", "busy"):
-                key = o.error.split(":")[0][:60]
+                key = re.sub(r"[0-9][0-9.]*", "N", o.error.split(":")[0])[:60]   # one kind, whatever the numbers
                 kinds[key] = kinds.get(key, 0) + 1
         rss_warm, rss_end = self._memory(warmup_s)
         cams = {}

@@ -1,12 +1,20 @@
 """mobilevlm-bench: the numbers a robotics team chooses by, one sub-benchmark per command.
 
-    mobilevlm-bench vision   --model CKPT ...   vision latency / frames/s per backend, batch 1 and 4
-    mobilevlm-bench decoder  --model CKPT ...   prompt-eval and decode tokens/s per quant vs llama.cpp
-    mobilevlm-bench question --model CKPT ...   question latency with the frame already seen vs the
-                                                reference-style pipeline (re-encode + HF generate)
-    mobilevlm-bench all      --model CKPT ...   everything above, one results folder
+    mobilevlm-bench all      [--dims 1.7b,3b]       everything below on random-weight checkpoints at real
+                                                    dimensions (made once), one results folder with a
+                                                    summary table (summary.md) and plot (summary.png)
+    mobilevlm-bench question --model CKPT ...       question latency with the frame already seen vs the
+                                                    reference-style pipeline (re-encode + HF generate)
+    mobilevlm-bench decoder  --model CKPT|ART ...   prompt-eval and decode tok/s per quant vs llama.cpp,
+                                                    and the memory-bandwidth ceiling measured in the run
+    mobilevlm-bench vision   --model CKPT ...       vision latency / frames/s per backend, batch 1 and 4
+    mobilevlm-bench memory   --model ART ...        node peak RSS per configuration vs a device budget
+    mobilevlm-bench node     --model ART ...        camera streams into the node while it answers:
+                                                    callback CPU, frames received/encoded, frame age
+    mobilevlm-bench bandwidth [--gguf FILE]         memory bandwidth and the decode ceiling it allows
 
-Benchmarks are never part of the test suite; run them on an otherwise idle machine.
+Each writes NAME.json, NAME.md and NAME.png into --out. Benchmarks are never part of the test suite;
+run them on an otherwise idle machine.
 """
 from __future__ import annotations
 
