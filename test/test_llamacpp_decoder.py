@@ -435,3 +435,38 @@ def test_threads_and_logging(v2, caplog):
     t.join()
     assert box["g"].ids
     d.close()
+
+
+def test_weight_layout_avoids_amx(v2, caplog):
+    """llama.cpp's AMX matmul segfaults on Sapphire Rapids (ggml-org/llama.cpp#20824): on a CPU
+    backend with AMX the weights stay in the plain layout; elsewhere the repacked one is used."""
+    import llama_cpp as lc
+
+    from mobilevlm_ros.core.decoders.llamacpp_decoder import cpu_has_amx
+
+    def buffers(records):
+        return [r.getMessage() for r in records if "model buffer size" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, logger="mobilevlm_ros.llama_cpp"):
+        auto = v2.decoder("q4_k_m")
+    try:
+        assert auto.extra_buffers is (not cpu_has_amx(lc))
+        assert auto.describe()["extra_buffers"] is auto.extra_buffers
+        loaded = buffers(caplog.records)
+        assert loaded and not any("AMX" in m for m in loaded), loaded
+        img = v2.images[0]
+        want = auto.generate(v2.prompt(QUESTIONS[0], img), img, GREEDY16).ids
+    finally:
+        auto.close()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="mobilevlm_ros.llama_cpp"):
+        plain = v2.decoder("q4_k_m", extra_buffers=False)
+    try:
+        loaded = buffers(caplog.records)
+        assert loaded and not any("AMX" in m or "REPACK" in m for m in loaded), loaded
+        got = plain.generate(v2.prompt(QUESTIONS[0], img), img, GREEDY16).ids
+        assert got
+        if not auto.extra_buffers:
+            assert got == want          # the same layout, the same arithmetic
+    finally:
+        plain.close()

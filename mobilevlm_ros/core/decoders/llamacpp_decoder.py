@@ -133,6 +133,15 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_has_amx(lc) -> bool:
+    """Whether this llama.cpp's CPU backend multiplies with Intel AMX (built with -march=native on a
+    Sapphire Rapids or newer Xeon)."""
+    try:
+        return "AMX_INT8 = 1" in lc.llama_print_system_info().decode(errors="replace")
+    except Exception:
+        return False
+
+
 def _import_llama_cpp():
     try:
         import llama_cpp
@@ -154,10 +163,13 @@ class LlamaCppDecoder(Decoder):
 
     def __init__(self, model_path, tokenizer: Tokenizer, quant: Optional[str] = None, threads: int = 0,
                  threads_batch: int = 0, gpu_layers: int = 0, max_cached_frames: int = 4,
-                 n_ctx: int = 0, n_batch: int = DEFAULT_N_BATCH, flash_attn: Optional[bool] = None):
+                 n_ctx: int = 0, n_batch: int = DEFAULT_N_BATCH, flash_attn: Optional[bool] = None,
+                 extra_buffers: Optional[bool] = None):
         """Load a GGUF file. threads/threads_batch 0 = every core this process may use; gpu_layers:
         layers offloaded to a GPU (needs a CUDA/Metal build; -1 = all); n_ctx 0 = the model's
-        training context (KV cells shared by the prefix, the cached frames and one question)."""
+        training context (KV cells shared by the prefix, the cached frames and one question);
+        extra_buffers: llama.cpp's repacked weight layouts (CPU_REPACK, AMX); None = on unless the
+        CPU backend uses AMX."""
         self._model = self._ctx = None
         self._tok_batch = self._emb_batch = None
         self._closed = True
@@ -180,6 +192,15 @@ class LlamaCppDecoder(Decoder):
 
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = self.gpu_layers
+        if extra_buffers is None:
+            # llama.cpp's AMX matmul segfaults in the first llama_decode on Sapphire Rapids
+            # (ggml-org/llama.cpp#20824; every GGUF we make, tiny to 3B): the plain layout instead
+            extra_buffers = not cpu_has_amx(lc)
+            if not extra_buffers:
+                log.info("llama.cpp's CPU backend has AMX, whose matmul crashes: weights kept in "
+                         "the plain layout (no AMX, no CPU_REPACK)")
+        self.extra_buffers = bool(extra_buffers)
+        mp.use_extra_bufts = self.extra_buffers
         model = lc.llama_model_load_from_file(str(self.path).encode(), mp)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}" + llama_log_tail())
@@ -229,7 +250,7 @@ class LlamaCppDecoder(Decoder):
     @classmethod
     def from_artifacts(cls, path, manifest: dict, tokenizer: Tokenizer, opts) -> "LlamaCppDecoder":
         """The manifest's llm-<opts.quant>.gguf with opts.threads, gpu_layers, max_cached_frames;
-        opts.extra may set "n_ctx", "n_batch" and "threads_batch"."""
+        opts.extra may set "n_ctx", "n_batch", "threads_batch" and "extra_buffers"."""
         from ..artifacts import artifact_path
         quant = str(opts.quant).lower()
         file = artifact_path(Path(path), manifest, "llm", quant)
@@ -237,7 +258,8 @@ class LlamaCppDecoder(Decoder):
         dec = cls(file, tokenizer, quant=quant, threads=opts.threads,
                   threads_batch=int(extra.get("threads_batch", 0) or 0), gpu_layers=opts.gpu_layers,
                   max_cached_frames=opts.max_cached_frames, n_ctx=int(extra.get("n_ctx", 0) or 0),
-                  n_batch=int(extra.get("n_batch", DEFAULT_N_BATCH) or DEFAULT_N_BATCH))
+                  n_batch=int(extra.get("n_batch", DEFAULT_N_BATCH) or DEFAULT_N_BATCH),
+                  extra_buffers=extra.get("extra_buffers"))
         hidden = manifest.get("hidden_size")
         if hidden is not None and int(hidden) != dec.n_embd:
             dec.close()
@@ -249,7 +271,8 @@ class LlamaCppDecoder(Decoder):
 
     def describe(self) -> dict:
         return {"decoder": self.name, "quant": self.quant, "file": str(self.path),
-                "threads": self.threads, "gpu_layers": self.gpu_layers, "n_ctx": getattr(self, "n_ctx", 0)}
+                "threads": self.threads, "gpu_layers": self.gpu_layers, "n_ctx": getattr(self, "n_ctx", 0),
+                "extra_buffers": getattr(self, "extra_buffers", None)}
 
     def close(self) -> None:
         self._closed = True
