@@ -76,6 +76,13 @@ if stamp_ok requirements "$REQ_HASH"; then
   log "2/6 requirements.txt unchanged, skipping pip"
 else
   log "2/6 pip install -r requirements.txt (llama-cpp-python builds from source once per machine, ~5 min on 2 cores; pip caches it)"
+  # llama.cpp builds with -march=native; on a CPU with AMX its AMX matmul segfaults
+  # (ggml-org/llama.cpp#20824), so leave AMX out and keep the AVX-512 repacked kernels
+  if [ -z "${CMAKE_ARGS:-}" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CMAKE_ARGS="-DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'"
+    log "2/6 this CPU has AMX: llama.cpp is built without it (CMAKE_ARGS=$CMAKE_ARGS)"
+  fi
   quiet_pip install --progress-bar off -r requirements.txt
   stamp_set requirements "$REQ_HASH"
 fi

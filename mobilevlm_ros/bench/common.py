@@ -38,6 +38,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> list:
+    """The vector extensions that decide llama.cpp's and ONNX Runtime's CPU kernels."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info(threads=0) -> dict:
     """The machine and library versions a figure belongs to (versions from package metadata, so
     nothing heavy is imported just to report it)."""
@@ -45,7 +57,7 @@ def machine_info(threads=0) -> dict:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError, AttributeError):
         mem_gb = None
-    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": round(mem_gb, 1) if mem_gb else None,
+    info = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(), "memory_gib": round(mem_gb, 1) if mem_gb else None,
             "threads": threads or "default", "python": platform.python_version(),
             "load_avg_start": round(os.getloadavg()[0], 2)}
     for dist in VERSIONED:
@@ -60,7 +72,8 @@ def machine_line(m: dict) -> str:
     """One line naming the machine of a table."""
     mem = f", {m['memory_gib']:g} GiB" if m.get("memory_gib") else ""
     end = f", {m['load_avg_end']:.1f} at end" if "load_avg_end" in m else ""
-    return (f"{m['cpu']}, {m['cpu_count']} CPUs{mem}; threads {m['threads']}; load average "
+    feats = f" ({' '.join(m['cpu_features'])})" if m.get("cpu_features") else ""
+    return (f"{m['cpu']}{feats}, {m['cpu_count']} CPUs{mem}; threads {m['threads']}; load average "
             f"{m['load_avg_start']:.1f} at start{end}")
 
 

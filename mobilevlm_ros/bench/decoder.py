@@ -281,6 +281,7 @@ def _worker_quant(job: dict) -> dict:
     assert len(dec.cached_frames()) == dec.max_cached_frames
     result = {"quant": quant, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
               "load_s": load_s, "n_ctx": dec.n_ctx, "n_batch": dec.n_batch, "threads": dec.threads,
+              "extra_buffers": dec.extra_buffers,
               "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,
                                 "suffix": len(prompts[1].suffix)},
               "peak_rss_mb": rss_ours, "peak_rss_with_llama_ctx_mb": peak_rss_mb(),
@@ -316,7 +317,9 @@ def table(result: dict) -> str:
     notes = [f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
              f"{result['tokens']} tokens decoded per run; {machine_line(result['machine'])}.",
              "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file, per pair of "
-             "alternating runs (target >= 0.95)."]
+             "alternating runs (target >= 0.95).",
+             "weight layout: " + ("llama.cpp's repacked one (CPU_REPACK)" if result["quants"][0].get("extra_buffers", True)
+                                  else "plain (this CPU backend has AMX, whose matmul crashes)") + "."]
     if bw:
         r0 = result["quants"][0]["ceiling"]
         notes.append(f"ceiling = measured read bandwidth {bw['median_gbps']:.1f} GB/s (median of {bw['n']} passes "
