@@ -167,6 +167,16 @@ def test_bench_all_quick_end_to_end(tmp_path, tiny_v2):
         assert label in summary, label
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
+    # --reuse with nothing to run rebuilds the summary from the files above, and says so
+    (out / "summary.md").unlink()
+    proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.bench", "all", "--model", str(ckpt),
+                           "--only", "", "--reuse", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rebuilt = (out / "summary.md").read_text()
+    assert rebuilt.split("\n\nMedians")[0] == summary.split("\n\nMedians")[0]
+    assert "--reuse): tiny-v2: " + ", ".join(SUBS) in rebuilt
+
 
 @pytest.mark.ros
 def test_shipped_fastdds_profile_carries_large_raw_frames(tmp_path):

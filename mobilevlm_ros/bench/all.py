@@ -1,7 +1,7 @@
 """Every benchmark on one or more models, one results folder, one summary table and plot.
 
     mobilevlm-bench all [--dims 1.7b,3b | --model CKPT ...] [--out results/bench] [--quick]
-                        [--only decoder,vision,question,memory,node] [--budget-mb 5500]
+                        [--only decoder,vision,question,memory,node] [--reuse] [--budget-mb 5500]
 
 --dims D makes (once) a random-weight checkpoint at MobileVLM V2 dimensions D in the published
 layout (models/bench-D, `mobilevlm-make-tiny --dims D --projector ldpnetv2`); --model names
@@ -17,7 +17,8 @@ sub-benchmarks run one after another, each the same code as its own command:
   node      a 30 Hz 640x480 and a 1080p stream into the node while it answers
 
 OUT/<model>/<sub>.{json,md,png} hold each one's results; OUT/summary.md (the headline figures per
-model, with the project's targets) and OUT/summary.png collect them. --quick runs everything
+model, with the project's targets) and OUT/summary.png collect them; with --reuse, sub-benchmarks left
+out of --only are taken from OUT's earlier files (rerun one, keep the rest). --quick runs everything
 briefly (one repeat, short windows: for checking the command, not for figures).
 """
 from __future__ import annotations
@@ -95,9 +96,15 @@ def sub_argv(sub: str, ckpt: Path, art: Path, out: Path, quick: bool, budget_mb:
     raise ValueError(sub)
 
 
-def run_model(ckpt: Path, out: Path, subs, quick: bool, budget_mb: float) -> dict:
+def run_model(ckpt: Path, out: Path, subs, quick: bool, budget_mb: float, reuse: bool = False) -> dict:
     art = ensure_artifacts(ckpt, VISION_DTYPES, QUANTS)
     results = {"checkpoint": str(ckpt), "artifacts": str(art)}
+    for sub in SUBS:                      # --reuse: what is not run now comes from the earlier run's file
+        path = out / f"{sub}.json"
+        if reuse and sub not in subs and path.is_file():
+            results[sub] = json.loads(path.read_text(encoding="utf-8"))
+            results.setdefault("reused", []).append(sub)
+            _log(f"{ckpt.name}: {sub} taken from {path} (earlier run)")
     for sub in subs:
         _log(f"{ckpt.name}: {sub}")
         t0 = time.perf_counter()
@@ -191,7 +198,9 @@ def summary_markdown(all_results: dict, info: dict, argv_line: str) -> str:
             row = next((r for r in per[n] if r[0] == f), None)
             cells.append("-" if row is None else row[1] + (f" — target {row[2]}" if row[2] else ""))
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    lines += ["", f"Medians (min–max) of repeated runs after warm-up; {machine_line(info)}.",
+    reused = [f"{n}: {', '.join(all_results[n]['reused'])}" for n in names if all_results[n].get("reused")]
+    lines += ["", f"Medians (min–max) of repeated runs after warm-up; {machine_line(info)}."
+              + (f" From an earlier run of the same command (--reuse): {'; '.join(reused)}." if reused else ""),
               f"Command: `{argv_line}`; each sub-benchmark's own table is in its folder."]
     return "\n".join(lines)
 
@@ -223,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(SUBS), help="sub-benchmarks to run, comma-separated")
     ap.add_argument("--budget-mb", type=float, default=5500.0, help="memory budget of the device (memory)")
     ap.add_argument("--quick", action="store_true", help="one repeat, short windows: checks the command only")
+    ap.add_argument("--reuse", action="store_true",
+                    help="sub-benchmarks left out of --only come from OUT's earlier results, for the summary")
     ap.add_argument("--out", default="results/bench")
     a = ap.parse_args(argv)
     subs = [s for s in a.only.split(",") if s]
@@ -243,7 +254,7 @@ def main(argv=None) -> int:
     info = machine_info()
     all_results = {}
     for c in ckpts:
-        all_results[c.name] = run_model(c, out / c.name, subs, a.quick, a.budget_mb)
+        all_results[c.name] = run_model(c, out / c.name, subs, a.quick, a.budget_mb, a.reuse)
         write_summary(out, all_results, finish_machine(info), "mobilevlm-bench all " + " ".join(argv))
     failed = [f"{n}/{s}" for n, r in all_results.items() for s in subs if "error" in r.get(s, {})]
     if failed:
