@@ -152,9 +152,9 @@ def summary_rows(res: dict) -> list:
         rows.append((f"prompt eval {r['quant']}, tok/s: ours / llama.cpp", f"{fmt(r['prompt_eval_tok_s'])} / "
                      f"{fmt(r['llama_pp_tok_s'])}", ""))
         if c:
-            rows.append((f"decode ceiling {r['quant']} from the bandwidth measured in the same run "
-                         f"({c['bytes'] / 1e6:.0f} MB read per token), tok/s; ours / ceiling",
-                         f"{c['tok_s']:.1f}; {c['ours_fraction']:.2f}", ""))
+            rows.append((f"decode ceiling {r['quant']} from the bandwidth measured in the same run: "
+                         "MB read per token; tok/s; ours / ceiling",
+                         f"{c['bytes'] / 1e6:.0f}; {c['tok_s']:.1f}; {c['ours_fraction']:.2f}", ""))
     if d.get("bandwidth"):
         bw = d["bandwidth"]
         rows.append(("memory read bandwidth, GB/s (median, min–max of passes)",
