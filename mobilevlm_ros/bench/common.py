@@ -57,7 +57,8 @@ def machine_info(threads=0) -> dict:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError, AttributeError):
         mem_gb = None
-    info = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(), "memory_gib": round(mem_gb, 1) if mem_gb else None,
+    info = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
+            "memory_gib": round(mem_gb, 1) if mem_gb else None,
             "threads": threads or "default", "python": platform.python_version(),
             "load_avg_start": round(os.getloadavg()[0], 2)}
     for dist in VERSIONED:

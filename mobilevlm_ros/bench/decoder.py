@@ -318,7 +318,8 @@ def table(result: dict) -> str:
              f"{result['tokens']} tokens decoded per run; {machine_line(result['machine'])}.",
              "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file, per pair of "
              "alternating runs (target >= 0.95).",
-             "weight layout: " + ("llama.cpp's repacked one (CPU_REPACK)" if result["quants"][0].get("extra_buffers", True)
+             "weight layout: " + ("llama.cpp's repacked one (CPU_REPACK)"
+                                  if result["quants"][0].get("extra_buffers", True)
                                   else "plain (this CPU backend has AMX, whose matmul crashes)") + "."]
     if bw:
         r0 = result["quants"][0]["ceiling"]
