@@ -2,19 +2,27 @@
 cached image embeddings.
 
 Same contract as TorchDecoder.generate (prompt.prefix, image embeddings, prompt.suffix; AnswerBuilder
-for stop rules, streaming and cancellation; the same Generation fields). What is kept between calls
-lives in llama.cpp's KV cache, one sequence per thing kept:
+for stop rules, streaming and cancellation; the same Generation fields).
 
-    seq 0                  the prompt prefix (BOS + system + "USER: "), evaluated once per load
-    seq 1..K               one per cached frame: the prefix's cells (shared, not copied) + the frame's
-                           image tokens, evaluated once; LRU over K = max_cached_frames
-    seq K+1 (scratch)      a question: the frame's cells + "\\n<question> ASSISTANT:" + the answer;
-                           removed after every answer
+Determinism: every evaluation runs in one fixed KV layout. The context holds a single sequence
+whose cells are 0..n-1 in position order, and nothing else: a frame's KV (prompt prefix + its image
+tokens) is kept outside the context as llama.cpp's serialised sequence state and restored into an
+emptied cache before its question is evaluated. So the cells a question attends over, their number
+and their order are the same whether the frame was prefilled while idle or evaluated by the
+question, whichever other frames are cached, and whatever was asked before. (llama.cpp's
+attention and softmax sum over the cells in SIMD lanes by cell index, so the same values in
+other cells round differently: with one unified KV buffer holding several frames, the same frame
+and question gave different greedy answers on AVX-512 machines.) Images always go in the same
+batches (n_batch rows, one batch at the default n_batch).
 
-The context is created with kv_unified=True: every sequence lives in one KV buffer, so a sequence
-copy only tags cells (no data is copied) and partial copies are allowed. The buffer has n_ctx cells
-(default: the model's training context); when an evaluation finds no free cells, the least recently
-used frames other than the one in use are evicted and the evaluation retried.
+    prefix state   BOS + system + "USER: ", evaluated once per load
+    frame states   prefix + the frame's image tokens, LRU over max_cached_frames (host memory,
+                   2 x layers x kv width x 2 bytes per token: 35 MB per frame at 1.7B)
+    the context    the state being answered from, + "\\n<question> ASSISTANT:" + the answer
+
+A prefill while idle can be interrupted (a request arrived): `interrupt` is polled by llama.cpp
+between graph nodes through its abort callback, so a question waits milliseconds, not a whole
+image evaluation. Nothing is cached from an interrupted prefill.
 
 Image embeddings enter through a batch whose `embd` is set (llama_batch_init(n, n_embd, 1)), at most
 n_batch rows per llama_decode. Greedy decoding takes the argmax of the logits (as the reference does);
@@ -46,11 +54,8 @@ from .base import Decoder, FrameCache
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("mobilevlm_ros.llama_cpp")
 
-PREFIX_SEQ = 0
+SEQ = 0                     # the context's only sequence
 DEFAULT_N_BATCH = 512
-# An image is evaluated in chunks of this many tokens: a question that arrives during an idle
-# prefill waits for one chunk, not the whole image (3 chunks cost ~4 % more than one batch at 1.7B).
-PREFILL_CHUNK = 48
 
 
 class _Interrupted(Exception):
@@ -151,11 +156,16 @@ def _import_llama_cpp():
     return llama_cpp
 
 
-class _Frame:
-    __slots__ = ("seq", "n_pos")
+class _KVState:
+    """One sequence's KV as llama.cpp serialises it (llama_state_seq_get_data): cells 0..n_pos-1."""
+    __slots__ = ("data", "n_pos")
 
-    def __init__(self, seq: int, n_pos: int):
-        self.seq, self.n_pos = seq, n_pos       # n_pos: prefix + image tokens held by the sequence
+    def __init__(self, data: np.ndarray, n_pos: int):
+        self.data, self.n_pos = data, n_pos
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
 
 
 class LlamaCppDecoder(Decoder):
@@ -167,7 +177,8 @@ class LlamaCppDecoder(Decoder):
                  extra_buffers: Optional[bool] = None, mmap: Optional[bool] = None):
         """Load a GGUF file. threads/threads_batch 0 = every core this process may use; gpu_layers:
         layers offloaded to a GPU (needs a CUDA/Metal build; -1 = all); n_ctx 0 = the model's
-        training context (KV cells shared by the prefix, the cached frames and one question);
+        training context (KV cells for one prompt and its answer); n_batch: most rows per
+        llama_decode (an image goes in one batch when it has no more tokens than that);
         extra_buffers: llama.cpp's repacked weight layouts (CPU_REPACK, AMX); None = on unless the
         CPU backend uses AMX; mmap: map the file instead of reading it; None = map unless the weights
         are repacked on the CPU."""
@@ -183,10 +194,6 @@ class LlamaCppDecoder(Decoder):
         max_cached_frames = int(max_cached_frames)
         if max_cached_frames < 1:
             raise ModelLoadError(f"max_cached_frames must be >= 1, got {max_cached_frames}")
-        n_seq = max_cached_frames + 2
-        if n_seq > lc.llama_max_parallel_sequences():
-            raise ModelLoadError(f"max_cached_frames {max_cached_frames} exceeds llama.cpp's limit of "
-                                 f"{lc.llama_max_parallel_sequences() - 2}")
         self.threads = int(threads) if threads and threads > 0 else default_threads()
         self.threads_batch = int(threads_batch) if threads_batch and threads_batch > 0 else self.threads
         self.gpu_layers = int(gpu_layers)
@@ -220,13 +227,12 @@ class LlamaCppDecoder(Decoder):
             self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
             if self.n_vocab < tokenizer.vocab_size:
                 raise ModelLoadError(f"{self.path} has {self.n_vocab} tokens, fewer than the tokenizer's "
-                                     f"{tokenizer.vocab_size}: the GGUF and tokenizer.model do not match")
+                                     f"{tokenizer.vocab_size}: the GGUF and tokenizer do not match")
             cp = lc.llama_context_default_params()
             cp.n_ctx = int(n_ctx) if n_ctx and n_ctx > 0 else self.n_ctx_train
             cp.n_batch = cp.n_ubatch = max(1, int(n_batch))
-            cp.n_seq_max = n_seq
+            cp.n_seq_max = 1
             cp.n_threads, cp.n_threads_batch = self.threads, self.threads_batch
-            cp.kv_unified = True          # partial seq_cp and shared cells across sequences
             cp.embeddings = False
             cp.no_perf = True
             if flash_attn is not None:
@@ -246,10 +252,10 @@ class LlamaCppDecoder(Decoder):
             self._free_native()
             raise
         self.max_cached_frames = max_cached_frames
-        self.scratch_seq = max_cached_frames + 1
-        self._free_seqs = list(range(1, max_cached_frames + 1))
-        self._frames = FrameCache(max_cached_frames, on_evict=self._evicted)
-        self._prefix: Optional[tuple] = None
+        self._frames = FrameCache(max_cached_frames)
+        self._prefix: Optional[tuple] = None          # (prefix ids, _KVState)
+        self._loaded = None                           # the _KVState the context holds as it is
+        self._no_abort = lc.ggml_abort_callback()     # NULL: llama.cpp's default, no polling
         self._closed = False
         log.info("llama.cpp decoder: %s (%s), n_ctx %d, n_batch %d, threads %d/%d, gpu layers %d",
                  self.path.name, quant or "?", self.n_ctx, self.n_batch, self.threads,
@@ -284,6 +290,8 @@ class LlamaCppDecoder(Decoder):
 
     def close(self) -> None:
         self._closed = True
+        self._frames.clear()
+        self._prefix = self._loaded = None
         self._free_native()
 
     def __del__(self):
@@ -296,11 +304,13 @@ class LlamaCppDecoder(Decoder):
         """Forget the cached prefix and frames (the next question evaluates everything)."""
         self._check_open()
         self.lc.llama_memory_clear(self._mem, False)
-        self._frames.on_evict = None
         self._frames.clear()
-        self._frames.on_evict = self._evicted
-        self._free_seqs = list(range(1, self.max_cached_frames + 1))
-        self._prefix = None
+        self._prefix = self._loaded = None
+
+    def cached_state_bytes(self) -> int:
+        """Host memory held by the cached KV states (prefix and frames)."""
+        frames = sum(f.nbytes for f in list(self._frames.values()))
+        return frames + (self._prefix[1].nbytes if self._prefix else 0)
 
     def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
                  on_token: Optional[TokenCallback] = None,
@@ -308,18 +318,16 @@ class LlamaCppDecoder(Decoder):
         params.validate()
         self._check_open()
         embeds = self._check_request(prompt, image)
-        lc = self.lc
         sampler = None if params.greedy else self._sampler(params)
         out = AnswerBuilder(self.tok, params, on_token, cancel)
-        scratch = self.scratch_seq
         try:
             t0 = time.perf_counter()
-            frame, cached, prefix_ms = self._frame_seq(prompt, image, embeds)
+            frame, cached, prefix_ms = self._frame_state(prompt, image, embeds)
             t_image = time.perf_counter()
-            lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
-            lc.llama_memory_seq_cp(self._mem, frame.seq, scratch, -1, -1)
+            self._restore(frame)
             pos = frame.n_pos
-            self._decode_tokens(prompt.suffix, scratch, pos, keep=(frame.seq,))
+            self._decode_tokens(prompt.suffix, pos)
+            self._loaded = None                 # the context holds more than the frame now
             pos += len(prompt.suffix)
             t1 = time.perf_counter()
             first_token_ms = None
@@ -334,14 +342,13 @@ class LlamaCppDecoder(Decoder):
                         log.warning("answer stopped at the context size (%d positions)", self.n_ctx)
                         out.finish_reason = "length"
                         break
-                    self._decode_tokens((token,), scratch, pos, keep=(frame.seq,))
+                    self._decode_tokens((token,), pos)
                     pos += 1
             t2 = time.perf_counter()
         finally:
-            if self._ctx is not None:
-                lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            self._loaded = None
             if sampler is not None:
-                lc.llama_sampler_free(sampler)
+                self.lc.llama_sampler_free(sampler)
         n_img = prompt.image_tokens
         return Generation(ids=out.ids, text=out.answer(), finish_reason=out.finish_reason,
                           prompt_tokens=prompt.total, prefill_ms=(t1 - t0) * 1e3,
@@ -358,28 +365,47 @@ class LlamaCppDecoder(Decoder):
         self._check_open()
         embeds = self._check_request(prompt, image)
         try:
-            return not self._frame_seq(prompt, image, embeds, interrupt)[1]
+            return not self._frame_state(prompt, image, embeds, interrupt)[1]
         except _Interrupted:
             return False
 
-    def first_token_logits(self, prompt: PromptIds, image: ImageEmbedding) -> np.ndarray:
-        """float32 [n_vocab] logits of the first answer token (through the same KV cache as
-        generate); for parity checks and scoring fixed answers."""
+    def teacher_forced_logits(self, prompt: PromptIds, image: ImageEmbedding, ids=()) -> np.ndarray:
+        """float32 [len(ids) + 1, n_vocab]: row j holds the logits that predict ids[j] after the
+        prompt and ids[:j] (the last row: the token after all of them). Through the same KV states
+        as generate; the question and ids are evaluated as batches."""
         self._check_open()
         embeds = self._check_request(prompt, image)
-        lc, scratch = self.lc, self.scratch_seq
+        tokens = [*prompt.suffix, *(int(t) for t in ids)]
+        if prompt.total + len(ids) > self.n_ctx:
+            raise RequestError(f"{prompt.total + len(ids)} positions do not fit the context of {self.n_ctx}")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        frame, _, _ = self._frame_state(prompt, image, embeds)
+        self._restore(frame)
+        first = len(prompt.suffix) - 1          # the suffix's last token predicts ids[0]
+        rows = []
+        b = self._tok_batch
         try:
-            frame, _, _ = self._frame_seq(prompt, image, embeds)
-            lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
-            lc.llama_memory_seq_cp(self._mem, frame.seq, scratch, -1, -1)
-            self._decode_tokens(prompt.suffix, scratch, frame.n_pos, keep=(frame.seq,))
-            ptr = lc.llama_get_logits_ith(self._ctx, -1)
-            if not ptr:
-                raise RequestError("llama.cpp returned no logits" + llama_log_tail())
-            return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                for i, t in enumerate(chunk):
+                    b.token[i] = t
+                    b.pos[i] = frame.n_pos + start + i
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = SEQ
+                    b.logits[i] = int(start + i >= first)
+                b.n_tokens = len(chunk)
+                self._decode(b)
+                for i in range(len(chunk)):
+                    if start + i >= first:
+                        ptr = self.lc.llama_get_logits_ith(self._ctx, i)
+                        if not ptr:
+                            raise RequestError("llama.cpp returned no logits" + llama_log_tail())
+                        rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
         finally:
-            if self._ctx is not None:
-                lc.llama_memory_seq_rm(self._mem, scratch, -1, -1)
+            self._loaded = None
+        return np.stack(rows)
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -413,45 +439,59 @@ class LlamaCppDecoder(Decoder):
             raise RequestError("image embeddings contain NaN or infinite values")
         return e
 
-    def _frame_seq(self, prompt: PromptIds, image: ImageEmbedding, embeds: np.ndarray,
-                   interrupt: Optional[Callable[[], bool]] = None):
-        """The sequence holding prefix + this frame's image tokens; evaluates what is missing, the
-        image in chunks of PREFILL_CHUNK tokens. With `interrupt`, it stops (raising _Interrupted,
-        nothing cached) when that returns True between chunks."""
-        lc, prefix_ms = self.lc, 0.0
-        if self._prefix != tuple(prompt.prefix):
+    def _frame_state(self, prompt: PromptIds, image: ImageEmbedding, embeds: np.ndarray,
+                     interrupt: Optional[Callable[[], bool]] = None):
+        """(the KV state of prefix + this frame's image tokens, whether it was cached, prefix ms).
+        Evaluates what is missing, each part into an emptied cache. With `interrupt`, the image
+        evaluation stops (raising _Interrupted, nothing cached) as soon as it returns True."""
+        prefix_ms = 0.0
+        if self._prefix is None or self._prefix[0] != tuple(prompt.prefix):
             self.clear_cache()
             t = time.perf_counter()
-            self._decode_tokens(prompt.prefix, PREFIX_SEQ, 0, logits=False)
+            self._decode_tokens(prompt.prefix, 0, logits=False)
+            self._prefix = (tuple(prompt.prefix), self._save(len(prompt.prefix)))
             prefix_ms = (time.perf_counter() - t) * 1e3
-            self._prefix = tuple(prompt.prefix)
-        key = (image.key, self._prefix)
+        key = (image.key, self._prefix[0])
         frame = self._frames.get_fresh(key)
         if frame is not None:
             return frame, True, prefix_ms
-        if not self._free_seqs:     # make room: the LRU frame goes
-            old_key = next(iter(self._frames))
-            self._evicted(old_key, self._frames.pop(old_key))
-        seq = self._free_seqs.pop(0)
-        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        lc.llama_memory_seq_cp(self._mem, PREFIX_SEQ, seq, -1, -1)
-        frame = _Frame(seq, len(self._prefix) + embeds.shape[0])
-        try:
-            self._decode_embeds(embeds, seq, len(self._prefix), interrupt)
-        except BaseException:
-            lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            self._free_seqs.insert(0, seq)
-            raise
+        prefix = self._prefix[1]
+        self._restore(prefix)
+        self._loaded = None
+        self._decode_embeds(embeds, prefix.n_pos, interrupt)
+        frame = self._save(prefix.n_pos + embeds.shape[0])
         self._frames.put(key, frame)
         return frame, False, prefix_ms
 
-    def _evicted(self, key, frame: _Frame):
-        if self._ctx is not None:
-            self.lc.llama_memory_seq_rm(self._mem, frame.seq, -1, -1)
-        self._free_seqs.append(frame.seq)
+    def _save(self, n_pos: int) -> _KVState:
+        """The context's sequence (cells 0..n_pos-1) as a state; the context keeps holding it."""
+        lc = self.lc
+        size = lc.llama_state_seq_get_size(self._ctx, SEQ)
+        data = np.empty(size, dtype=np.uint8)
+        got = lc.llama_state_seq_get_data(self._ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                          size, SEQ)
+        if got != size:
+            raise RequestError(f"llama.cpp saved {got} of {size} bytes of the KV state" + llama_log_tail())
+        state = _KVState(data, n_pos)
+        self._loaded = state
+        return state
 
-    def _decode_tokens(self, ids, seq: int, pos0: int, logits: bool = True, keep=()):
-        """Evaluate token ids into `seq` from position pos0; logits for the last one if asked."""
+    def _restore(self, state: _KVState) -> None:
+        """Empty the cache and put `state` back into cells 0..n_pos-1 (skipped when the context
+        holds exactly that state already: the same cells with the same values)."""
+        if self._loaded is state:
+            return
+        lc = self.lc
+        self._loaded = None
+        lc.llama_memory_clear(self._mem, False)
+        got = lc.llama_state_seq_set_data(self._ctx, state.data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                          state.data.size, SEQ)
+        if got == 0:
+            raise RequestError("llama.cpp could not restore a cached KV state" + llama_log_tail())
+        self._loaded = state
+
+    def _decode_tokens(self, ids, pos0: int, logits: bool = True):
+        """Evaluate token ids from position pos0; logits for the last one if asked."""
         b = self._tok_batch
         ids = [int(t) for t in ids]
         for start in range(0, len(ids), self.n_batch):
@@ -461,52 +501,62 @@ class LlamaCppDecoder(Decoder):
                 b.token[i] = t
                 b.pos[i] = pos0 + start + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
+                b.seq_id[i][0] = SEQ
                 b.logits[i] = 0
             if logits and last:
                 b.logits[len(chunk) - 1] = 1
             b.n_tokens = len(chunk)
-            self._decode(b, seq, keep)
+            self._decode(b)
 
-    def _decode_embeds(self, embeds: np.ndarray, seq: int, pos0: int,
+    def _decode_embeds(self, embeds: np.ndarray, pos0: int,
                        interrupt: Optional[Callable[[], bool]] = None):
+        """Evaluate image embeddings from position pos0, n_batch rows per llama_decode (one batch at
+        the default n_batch), the same batches on every path."""
         b = self._emb_batch
         row = self.n_embd * 4
-        # the same chunks whether prefilled ahead or evaluated for a question: batch sizes take
-        # different kernels, whose rounding can change a greedy answer (seen on AVX-512 Xeons)
-        step = min(self.n_batch, PREFILL_CHUNK)
-        for start in range(0, embeds.shape[0], step):
-            if interrupt is not None and interrupt():
+        callback = None
+        if interrupt is not None:
+            if interrupt():
                 raise _Interrupted()
-            chunk = embeds[start:start + step]
-            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.shape[0] * row)
-            for i in range(chunk.shape[0]):
-                b.pos[i] = pos0 + start + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = 0
-            b.n_tokens = chunk.shape[0]
-            self._decode(b, seq, keep=())
 
-    def _decode(self, batch, seq: int, keep=()):
-        """llama_decode with KV-full recovery: evict LRU frames (not `seq`, not `keep`) and retry."""
-        protected = {seq, *keep}
-        while True:
-            rc = self.lc.llama_decode(self._ctx, batch)
-            if rc == 0:
-                return
-            if rc == 1:
-                victim = next((k for k, f in self._frames.items() if f.seq not in protected), None)
-                if victim is not None:
-                    log.debug("KV cache full: evicting a cached frame and retrying")
-                    self._evicted(victim, self._frames.pop(victim))
-                    continue
-                raise RequestError(f"the KV cache ({self.n_ctx} cells) is full: the prompt and answer do "
-                                   "not fit; ask for fewer new tokens or load with a larger n_ctx"
-                                   + llama_log_tail())
-            if rc == 2:
-                raise RequestError("llama.cpp evaluation was aborted")
-            raise RequestError(f"llama.cpp could not evaluate the batch (code {rc})" + llama_log_tail())
+            def poll(_data, interrupt=interrupt):
+                try:
+                    return bool(interrupt())
+                except Exception:       # never let an exception cross into C
+                    return False
+            callback = self.lc.ggml_abort_callback(poll)
+            self.lc.llama_set_abort_callback(self._ctx, callback, None)
+        try:
+            for start in range(0, embeds.shape[0], self.n_batch):
+                chunk = embeds[start:start + self.n_batch]
+                ctypes.memmove(b.embd, chunk.ctypes.data, chunk.shape[0] * row)
+                for i in range(chunk.shape[0]):
+                    b.pos[i] = pos0 + start + i
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = SEQ
+                    b.logits[i] = 0
+                b.n_tokens = chunk.shape[0]
+                if self._decode(b, abortable=callback is not None):
+                    raise _Interrupted()
+        finally:
+            if callback is not None:
+                self.lc.llama_set_abort_callback(self._ctx, self._no_abort, None)
+
+    def _decode(self, batch, abortable: bool = False) -> bool:
+        """llama_decode; True if it was aborted (only where an abort callback is set)."""
+        rc = self.lc.llama_decode(self._ctx, batch)
+        if rc == 0:
+            return False
+        self._loaded = None
+        if rc == 2 and abortable:
+            return True
+        if rc == 1:
+            raise RequestError(f"the KV cache ({self.n_ctx} cells) is full: the prompt and answer do "
+                               "not fit; ask for fewer new tokens or load with a larger n_ctx"
+                               + llama_log_tail())
+        if rc == 2:
+            raise RequestError("llama.cpp evaluation was aborted")
+        raise RequestError(f"llama.cpp could not evaluate the batch (code {rc})" + llama_log_tail())
 
     def _sampler(self, params: GenerationParams):
         lc = self.lc
@@ -521,13 +571,16 @@ class LlamaCppDecoder(Decoder):
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         return chain
 
-    def _next_token(self, sampler) -> int:
-        if sampler is not None:
-            return int(self.lc.llama_sampler_sample(sampler, self._ctx, -1))
+    def _logits(self) -> np.ndarray:
         ptr = self.lc.llama_get_logits_ith(self._ctx, -1)
         if not ptr:
             raise RequestError("llama.cpp returned no logits" + llama_log_tail())
-        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _next_token(self, sampler) -> int:
+        if sampler is not None:
+            return int(self.lc.llama_sampler_sample(sampler, self._ctx, -1))
+        return int(self._logits().argmax())
 
     def _free_native(self):
         lc = getattr(self, "lc", None)

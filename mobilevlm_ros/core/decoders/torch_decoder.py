@@ -82,6 +82,13 @@ class TorchDecoder(Decoder):
         return not self._frame_kv(prompt, image)[1]
 
     @torch.inference_mode()
+    def teacher_forced_logits(self, prompt: PromptIds, image: ImageEmbedding, ids=()) -> np.ndarray:
+        kv, _ = self._frame_kv(prompt, image)
+        tokens = [*prompt.suffix, *(int(t) for t in ids)]
+        logits, _ = self.llm(self._ids(tokens), kv, last_only=False)
+        return logits[0, len(prompt.suffix) - 1:].float().cpu().numpy()
+
+    @torch.inference_mode()
     def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
                  on_token: Optional[TokenCallback] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> Generation:
