@@ -24,7 +24,7 @@ CONSOLE_SCRIPTS = [
     "mobilevlm-bench=mobilevlm_ros.tools.bench:main",
     "mobilevlm-node=mobilevlm_ros.ros.node:main",
     "mobilevlm-ask-ros=mobilevlm_ros.ros.ask_client:main",
-    "mobilevlm-demo=mobilevlm_ros.ros.demo:main",
+    "mobilevlm-demo=mobilevlm_ros.tools.demo:main",
     "mobilevlm-soak=mobilevlm_ros.tools.soak:main",
 ]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mobilevlm_ros.bench import all as bench_all
-from mobilevlm_ros.bench.bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
-from mobilevlm_ros.bench.common import fmt, stats
-from mobilevlm_ros.bench.memory import parse_configs
-from mobilevlm_ros.bench.node import window_figures
-from mobilevlm_ros.ros.traffic import Outcome
+from mobilevlm_ros.tools.bench import all as bench_all
+from mobilevlm_ros.tools.bench.bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
+from mobilevlm_ros.tools.bench.common import fmt, stats
+from mobilevlm_ros.tools.bench.memory import parse_configs
+from mobilevlm_ros.tools.bench.node import window_figures
+from mobilevlm_ros.tools.traffic import Outcome
 
 REPO = Path(__file__).resolve().parents[1]
 SUBS = ("decoder", "vision", "question", "memory", "node")
@@ -183,12 +183,12 @@ def test_shipped_fastdds_profile_carries_large_raw_frames(tmp_path):
     """config/fastdds_large_frames.xml in the publishing process: 1080p rgb8 frames (6.2 MB, far over a
     default shared-memory segment) reach an idle node over real DDS. A profile Fast DDS cannot read
     falls back to the defaults, and then most such frames are lost (measured 0-13 %)."""
-    from mobilevlm_ros.bench.common import run_worker
-    from mobilevlm_ros.bench.node import DDS_PROFILES
+    from mobilevlm_ros.tools.bench.common import run_worker
+    from mobilevlm_ros.tools.bench.node import DDS_PROFILES
     job = {"model": str(REPO / "models" / "tiny-v2-artifacts"), "stream": "front:1920x1080@20", "dds": "shm",
            "dds_profile": DDS_PROFILES["shm"], "warmup": 1.0, "window": 4.0, "windows": 1, "tokens": 8,
            "ask_interval": 0.0, "clients": 0, "params": {}, "log": str(tmp_path / "node.log")}
-    res = run_worker("mobilevlm_ros.bench.node", job, timeout=300)
+    res = run_worker("mobilevlm_ros.tools.bench.node", job, timeout=300)
     w = res["windows"][0]
     assert res["node_alive"] and w["sent_hz"] > 15, w
     assert w["received_pct"] >= 60, w

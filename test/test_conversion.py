@@ -20,8 +20,20 @@ from PIL import Image as PILImage  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from mobilevlm_ros.core.errors import ImageError  # noqa: E402
-from mobilevlm_ros.ros.conversion import (MAX_DIM, compressed_msg_to_rgb, image_to_array,  # noqa: E402
-                                          image_to_rgb, stamp_ns)
+from mobilevlm_ros.engine.images import MAX_DIM, _pixels, compressed_to_rgb, raw_to_rgb  # noqa: E402
+from mobilevlm_ros.ros.conversion import raw_image, stamp_ns  # noqa: E402
+
+
+def image_to_rgb(msg):
+    return raw_to_rgb(raw_image(msg))
+
+
+def image_to_array(msg):
+    return _pixels(raw_image(msg))
+
+
+def compressed_msg_to_rgb(msg):
+    return compressed_to_rgb(msg.format, msg.data)
 
 H, W = 5, 7
 RNG = np.random.default_rng(0)

@@ -7,7 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mobilevlm_ros.core.errors import ImageError
-from mobilevlm_ros.ros.conversion import ENCODINGS, compressed_to_rgb, image_to_rgb
+from mobilevlm_ros.engine.images import ENCODINGS, compressed_to_rgb, raw_to_rgb
+from mobilevlm_ros.ros.conversion import raw_image
+
+
+def image_to_rgb(msg):
+    return raw_to_rgb(raw_image(msg))
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

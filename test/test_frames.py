@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mobilevlm_ros.core.errors import ImageError
-from mobilevlm_ros.ros.frames import (NS, CachedFrame, Frame, FrameStore, FrameUnavailable,
+from mobilevlm_ros.engine.frames import (NS, CachedFrame, Frame, FrameStore, FrameUnavailable,
                                       check_requested_stamp, select_frame)
 
 S = NS  # one second in ns

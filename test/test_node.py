@@ -450,7 +450,7 @@ def test_invalid_parameters_exit_non_zero():
 @pytest.mark.slow
 def test_demo(tmp_path):
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.ros.demo", "--max-new-tokens", "4", "--quiet",
+    proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.demo", "--max-new-tokens", "4", "--quiet",
                            "--namespace", f"/demo_{os.getpid()}"],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -39,7 +39,7 @@ from ros_helpers import Client, synthetic, wait_for, wait_future  # noqa: E402
 from sensor_msgs.msg import CompressedImage  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
-from mobilevlm_ros.ros.traffic import CameraStream, Flood, NodeUnderTest  # noqa: E402
+from mobilevlm_ros.tools.traffic import CameraStream, Flood, NodeUnderTest  # noqa: E402
 
 CAMERAS = ["front", "rear", "quiet"]
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-from mobilevlm_ros import bagio
+from mobilevlm_ros.tools import bagio
 from mobilevlm_ros.core.generation import GenerationParams
 from mobilevlm_ros.core.pipeline import load_model
-from mobilevlm_ros.ros.frames import NS, Frame, FrameUnavailable, select_frame
+from mobilevlm_ros.engine.frames import NS, Frame, FrameUnavailable, select_frame
 from mobilevlm_ros.tools import ask as ask_tool
 from mobilevlm_ros.tools import make_bag as make_bag_tool
 from mobilevlm_ros.tools import replay
@@ -485,14 +485,15 @@ def test_make_bag_cli_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys
 
 
 def test_make_bag_encodings_decode_to_the_rendered_frame(tmp_path):
-    from mobilevlm_ros.ros.conversion import image_to_rgb
+    from mobilevlm_ros.engine.images import raw_to_rgb
+    from mobilevlm_ros.ros.conversion import raw_image
     rgb = render_frame(1, 3, RATE, 20, 10)
     for enc in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8"):
         make_bag(tmp_path / enc, seconds=0.8, rate=RATE, cameras=["x", "y"], encoding=enc, size=(20, 10),
                  storage="mcap", progress=False)
         with bagio.open_bag(tmp_path / enc) as bag:
             msgs = [m for _, _, _, m in bag.iter_messages(["/y/image_raw"])]
-        got = image_to_rgb(msgs[3])
+        got = raw_to_rgb(raw_image(msgs[3]))
         if enc == "mono8":
             from PIL import Image
             assert np.array_equal(got[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))

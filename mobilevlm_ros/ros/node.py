@@ -57,9 +57,10 @@ from mobilevlm_ros.srv import Ask as AskService
 
 from ..core.errors import ImageError, MobileVLMError, RequestError
 from ..core.generation import MAX_NEW_TOKENS_LIMIT, GenerationParams
-from .conversion import check_compressed, image_to_array, stamp_ns
+from ..engine.images import check_compressed, check_raw
+from .conversion import raw_image, stamp_ns
 from .qos import ASK_SERVICE_QOS
-from .frames import NS, AnyFrame, Frame, FrameStore, FrameUnavailable, check_stamp
+from ..engine.frames import NS, AnyFrame, Frame, FrameStore, FrameUnavailable, check_stamp
 
 NODE_NAME = "mobilevlm"
 # Finished goals' results are kept this long for clients that ask late (rclpy's default is 900 s):
@@ -503,11 +504,12 @@ class MobileVLMNode(LifecycleNode):
         try:
             stamp = stamp_ns(msg.header.stamp) or now
             check_stamp(stamp, now)
-            pixels, order = image_to_array(msg)
+            raw = raw_image(msg)
+            check_raw(raw)
         except ImageError as e:
             self._reject(frames, camera, e)
         else:
-            frames.offer(Frame(camera, msg.header, stamp, now, pixels=pixels, channel_order=order))
+            frames.offer(Frame(camera, msg.header, stamp, now, raw=raw))
         frames.note_callback(camera, (time.thread_time() - t0) * 1e3)
 
     def _on_compressed(self, camera: str, msg: CompressedImage) -> None:

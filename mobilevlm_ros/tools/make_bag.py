@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
+from .bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
 from ..core.errors import MobileVLMError
 
 NS = 1_000_000_000

@@ -8,7 +8,7 @@
 BAG: a rosbag2 folder (sqlite3 or mcap storage) or a bare .mcap / .db3 file, read with `rosbags` (no
 ROS install needed). Camera topics: sensor_msgs/msg/Image or sensor_msgs/msg/CompressedImage.
 Messages are read in bag time order; a question asked at bag time t sees every frame recorded at or
-before t and gets the frame the node would pick (mobilevlm_ros.ros.frames.select_frame): the newest
+before t and gets the frame the node would pick (mobilevlm_ros.engine.frames.select_frame): the newest
 frame at most max_frame_age_s old at t, or the frame closest to a requested stamp. Frames are
 validated and decoded by the node's own functions (mobilevlm_ros.ros.conversion, frames), only frames
 some question uses are encoded, and one embedding serves every question about its frame.
@@ -38,11 +38,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..bagio import ANSWER, COMPRESSED, IMAGE, BagError, BagWriter, open_bag
+from .bagio import ANSWER, COMPRESSED, IMAGE, BagError, BagWriter, open_bag
 from ..core.errors import ImageError, MobileVLMError, ModelLoadError, RequestError
 from ..core.generation import GenerationParams
-from ..ros.conversion import check_compressed, image_to_array, stamp_ns
-from ..ros.frames import NS, Frame, FrameStore, check_requested_stamp, select_frame
+from ..engine.images import check_compressed, check_raw
+from ..ros.conversion import raw_image, stamp_ns
+from ..engine.frames import NS, Frame, FrameStore, check_requested_stamp, select_frame
 from .ask import add_generation_args, add_model_args, load_from_args, params_from_args
 
 log = logging.getLogger("mobilevlm-replay")
@@ -282,8 +283,9 @@ def frame_from_msg(camera: str, msgtype: str, msg, received_ns: int) -> Frame:
     only sniffed (decoded when a question uses the frame). Raises ImageError."""
     stamp = stamp_ns(msg.header.stamp) or received_ns
     if msgtype == IMAGE:
-        pixels, order = image_to_array(msg)
-        return Frame(camera, msg.header, stamp, received_ns, pixels=pixels, channel_order=order)
+        raw = raw_image(msg)
+        check_raw(raw)
+        return Frame(camera, msg.header, stamp, received_ns, raw=raw)
     check_compressed(msg.format, msg.data)
     return Frame(camera, msg.header, stamp, received_ns, compressed=msg.data, fmt=msg.format)
 

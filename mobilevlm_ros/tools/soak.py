@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..ros.traffic import CameraStream, Flood, NodeUnderTest
+from .traffic import CameraStream, Flood, NodeUnderTest
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-v2-artifacts"
 DEFAULT_CAMERAS = ["front:640x480@60", "rear:1920x1080@60"]

@@ -35,8 +35,8 @@ def bench_frame() -> np.ndarray:
 
 
 def run_ours(a) -> dict:
-    from ..core.generation import GenerationParams
-    from ..core.pipeline import LoadOptions, load_model
+    from ...core.generation import GenerationParams
+    from ...core.pipeline import LoadOptions, load_model
     model = load_model(a.artifacts, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp",
                                                 quant=a.quant, threads=a.threads,
                                                 vision_dtype=a.vision_dtype))
@@ -66,11 +66,11 @@ def run_reference(a) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from ..core.checkpoint import load_checkpoint
-    from ..core.prompt import build_prompt
-    from ..core.tokenizer import Tokenizer
-    from ..core.projectors import build_projector
-    from ..core.preprocess import CLIP_MEAN, CLIP_STD, pad_to_square
+    from ...core.checkpoint import load_checkpoint
+    from ...core.prompt import build_prompt
+    from ...core.tokenizer import Tokenizer
+    from ...core.projectors import build_projector
+    from ...core.preprocess import CLIP_MEAN, CLIP_STD, pad_to_square
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -151,7 +151,7 @@ def ensure_artifacts(a) -> Path:
         return Path(a.artifacts)
     out = Path(a.out) / "artifacts"
     if not (out / "manifest.json").is_file():
-        from ..tools.export import main as export_main
+        from ..export import main as export_main
         rc = export_main(["--model", str(a.model), "--out", str(out), "--quant", a.quant,
                           "--vision-dtype", a.vision_dtype])
         if rc:
@@ -173,7 +173,7 @@ def run(a) -> dict:
         print(f"[bench question] {name} ...", file=sys.stderr, flush=True)
         job = {"config": name, "model": str(a.model), "artifacts": a.artifacts, "quant": a.quant,
                "vision_dtype": a.vision_dtype, "tokens": a.tokens, "repeats": a.repeats, "threads": a.threads}
-        rows.append({"name": name, **run_worker("mobilevlm_ros.bench.question", job, a.timeout)})
+        rows.append({"name": name, **run_worker("mobilevlm_ros.tools.bench.question", job, a.timeout)})
     result = {"benchmark": "question", "model": str(a.model), "question": QUESTION, "tokens": a.tokens,
               "repeats": a.repeats, "machine": finish_machine(info), "configs": rows}
     by = {r["name"]: r for r in rows}

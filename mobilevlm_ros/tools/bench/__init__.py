@@ -21,10 +21,10 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = {"vision": "mobilevlm_ros.bench.vision", "decoder": "mobilevlm_ros.bench.decoder",
-               "question": "mobilevlm_ros.bench.question", "memory": "mobilevlm_ros.bench.memory",
-               "node": "mobilevlm_ros.bench.node", "bandwidth": "mobilevlm_ros.bench.bandwidth",
-               "all": "mobilevlm_ros.bench.all"}
+SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilevlm_ros.tools.bench.decoder",
+               "question": "mobilevlm_ros.tools.bench.question", "memory": "mobilevlm_ros.tools.bench.memory",
+               "node": "mobilevlm_ros.tools.bench.node", "bandwidth": "mobilevlm_ros.tools.bench.bandwidth",
+               "all": "mobilevlm_ros.tools.bench.all"}
 
 
 def main(argv=None) -> int:

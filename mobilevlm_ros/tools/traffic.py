@@ -220,7 +220,7 @@ class Flood:
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import qos_profile_sensor_data
 
-        from .qos import ASK_SERVICE_QOS
+        from ..ros.qos import ASK_SERVICE_QOS
         from sensor_msgs.msg import CompressedImage, Image
 
         from mobilevlm_ros.srv import Ask

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Tuple
 
 import numpy as np
 
-from .core.errors import MobileVLMError
+from ..core.errors import MobileVLMError
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 from ..core.errors import ImageError, MobileVLMError
+from .images import compressed_to_rgb, raw_to_rgb
 
 NS = 1_000_000_000
 FUTURE_TOLERANCE_S = 1.0    # requested stamps up to this far ahead of the node clock are accepted
@@ -60,6 +61,7 @@ class Frame:
     received_ns: int                  # node clock at reception
     pixels: Optional[np.ndarray] = None   # uint8 HxW / HxWxC (raw images)
     channel_order: str = "rgb"
+    raw: Any = None                   # images.RawImage, converted when encoded
     compressed: Any = None            # bytes-like JPEG/PNG (compressed images)
     fmt: str = ""
     seq: int = field(default_factory=lambda: next(_seq))
@@ -92,11 +94,12 @@ AnyFrame = Union[Frame, CachedFrame]
 def decode_frame(frame: Frame) -> Tuple[np.ndarray, str]:
     """Pixels ready for model.encode: (uint8 array, channel order). Compressed frames are decoded
     here (in the vision worker, not in the image callback). Raises ImageError."""
+    if frame.raw is not None:
+        return raw_to_rgb(frame.raw), "rgb"
     if frame.pixels is not None:
         return np.ascontiguousarray(frame.pixels), frame.channel_order
     if frame.compressed is None:
         raise ImageError("frame has neither pixels nor compressed data")
-    from .conversion import compressed_to_rgb
     return compressed_to_rgb(frame.fmt, frame.compressed), "rgb"
 
 

@@ -48,7 +48,7 @@ def parse_configs(spec: str) -> list:
 
 
 def one_run(model, params: dict, duration: float, tokens: int) -> dict:
-    from ..ros.traffic import CameraStream
+    from ..traffic import CameraStream
     with node_with_traffic(model, CameraStream.parse(STREAM), tokens, params) as (node, flood, idle):
         summary = flood.run(duration)
         alive = node.proc.poll() is None

@@ -51,7 +51,7 @@ def _log(msg: str) -> None:
 def checkpoint_for_dims(dims: str, root: Path) -> Path:
     ckpt = root / f"bench-{dims}"
     if not (ckpt / "config.json").is_file():
-        from ..tools.make_tiny import main as make_tiny
+        from ..make_tiny import main as make_tiny
         _log(f"making {ckpt} (random weights, MobileVLM V2 {dims} dimensions)")
         if make_tiny([str(ckpt), "--projector", "ldpnetv2", "--dims", dims]):
             raise SystemExit(f"mobilevlm-make-tiny failed for {ckpt}")
@@ -60,14 +60,14 @@ def checkpoint_for_dims(dims: str, root: Path) -> Path:
 
 def ensure_artifacts(ckpt: Path, dtypes, quants) -> Path:
     """CKPT-artifacts with every wanted graph and GGUF, exported now if missing or stale."""
-    from ..core.artifacts import MANIFEST, read_manifest, sha256_file
+    from ...core.artifacts import MANIFEST, read_manifest, sha256_file
     art = ckpt.parent / f"{ckpt.name}-artifacts"
     if (art / MANIFEST).is_file():
         m = read_manifest(art)
         if (m.get("source", {}).get("config_sha256") == sha256_file(ckpt / "config.json")
                 and all(d in m.get("vision", {}) for d in dtypes) and all(q in m.get("llm", {}) for q in quants)):
             return art
-    from ..tools.export import main as export
+    from ..export import main as export
     _log(f"exporting {ckpt} -> {art}")
     t0 = time.perf_counter()
     if export(["--model", str(ckpt), "--out", str(art), "--vision-dtype", ",".join(dtypes),
@@ -108,7 +108,7 @@ def run_model(ckpt: Path, out: Path, subs, quick: bool, budget_mb: float, reuse:
     for sub in subs:
         _log(f"{ckpt.name}: {sub}")
         t0 = time.perf_counter()
-        module = importlib.import_module(f"mobilevlm_ros.bench.{sub}")
+        module = importlib.import_module(f"mobilevlm_ros.tools.bench.{sub}")
         code = module.main(sub_argv(sub, ckpt, art, out, quick, budget_mb))
         path = out / f"{sub}.json"
         if code or not path.is_file():
@@ -215,7 +215,7 @@ def write_summary(out: Path, all_results: dict, info: dict, argv_line: str) -> N
         for sub in SUBS:
             r = res.get(sub)
             if r and "error" not in r:
-                panels.append((importlib.import_module(f"mobilevlm_ros.bench.{sub}").plot, r, name))
+                panels.append((importlib.import_module(f"mobilevlm_ros.tools.bench.{sub}").plot, r, name))
     if panels:
         save_figure(out / "summary.png", panels, f"mobilevlm-bench all — {machine_line(info)}",
                     columns=len(all_results))

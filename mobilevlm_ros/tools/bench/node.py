@@ -48,7 +48,7 @@ def node_with_traffic(model, stream, tokens: int, params: dict, log_path=None, r
                       ask_interval_s: float = 0.0, clients: int = 1):
     """A node process on `model` and a Flood (this stream, `clients` clients) against it, ready and
     with a frame encoded: yields (node, flood, the node's status once it served, before any frame)."""
-    from ..ros.traffic import Flood, NodeUnderTest
+    from ..traffic import Flood, NodeUnderTest
     name = f"mobilevlm_bench_{os.getpid()}"
     node = NodeUnderTest(model, [stream.name], name=name, params=params, log_path=log_path)
     flood = None
@@ -112,7 +112,7 @@ FIGURES = ("sent_hz", "received_hz", "received_pct", "encoded_hz", "dropped", "c
 def _work(job: dict) -> dict:
     """One stream and one DDS configuration, in a process of its own: Fast DDS reads its profile
     file once per process, when the first participant is made."""
-    from ..ros.traffic import CameraStream
+    from ..traffic import CameraStream
     if job["dds_profile"]:
         os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = job["dds_profile"]
     else:
@@ -137,7 +137,7 @@ def _work(job: dict) -> dict:
 
 
 def run(a) -> dict:
-    from ..ros.traffic import CameraStream
+    from ..traffic import CameraStream
     streams = [str(CameraStream.parse(s)) for s in (a.stream or DEFAULT_STREAMS)]
     dds = [d.strip() for d in a.dds.split(",") if d.strip()]
     for d in dds:
@@ -158,7 +158,7 @@ def run(a) -> dict:
                    "warmup": a.warmup, "window": a.window, "windows": a.windows, "tokens": a.tokens,
                    "ask_interval": a.ask_interval, "clients": a.clients,
                    "params": params, "log": str(log) if log else None}
-            rows.append(run_worker("mobilevlm_ros.bench.node", job, timeout=a.warmup + a.windows * a.window + 900))
+            rows.append(run_worker("mobilevlm_ros.tools.bench.node", job, timeout=a.warmup + a.windows * a.window + 900))
     return {"benchmark": "node", "model": str(a.model), "tokens": a.tokens, "ask_interval_s": a.ask_interval,
             "clients": a.clients,
             "params": params, "warmup_s": a.warmup,

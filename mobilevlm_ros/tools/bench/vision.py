@@ -44,7 +44,7 @@ def bench_frames(n: int = 4, h: int = 480, w: int = 640, seed: int = 7) -> list:
 
 
 def _time_pre(frames) -> dict:
-    from ..core.preprocess import normalize, preprocess, preprocess_uint8
+    from ...core.preprocess import normalize, preprocess, preprocess_uint8
     t0 = time.perf_counter()
     for f in frames:
         preprocess(f)
@@ -60,7 +60,7 @@ def _time_pre(frames) -> dict:
 
 def _ensure_artifacts(model: Path, artifacts: Path, dtypes, threads: int) -> tuple[Path, dict]:
     """(artifacts folder, manifest) holding the wanted vision dtypes; exports what is missing."""
-    from ..core.artifacts import MANIFEST, read_manifest, sha256_file
+    from ...core.artifacts import MANIFEST, read_manifest, sha256_file
     if (model / MANIFEST).is_file():
         return model, read_manifest(model)
     onnx_dtypes = [d for d in dtypes if d in ("fp32", "fp16", "int8")]
@@ -69,23 +69,23 @@ def _ensure_artifacts(model: Path, artifacts: Path, dtypes, threads: int) -> tup
         if (m.get("source", {}).get("config_sha256") == sha256_file(model / "config.json")
                 and all(d in m.get("vision", {}) for d in onnx_dtypes)):
             return artifacts, m
-    from ..tools.export import export
+    from ..export import export
     print(f"exporting {model} -> {artifacts} ({', '.join(onnx_dtypes)}) ...", file=sys.stderr)
     m = export(model, artifacts, onnx_dtypes, [], llm=False, verify=False, quiet=False)
     return artifacts, m
 
 
 def _make_backend(kind: str, dtype: str, artifacts: Path, manifest: dict, threads: int, ckpt_loader):
-    from ..core.pipeline import LoadOptions
+    from ...core.pipeline import LoadOptions
     opts = LoadOptions(vision_dtype=dtype, threads=threads)
     if kind == "torch":
-        from ..core.vision import TorchVision
+        from ...core.vision import TorchVision
         return TorchVision(ckpt_loader(), "cpu", threads)
     if kind == "onnxruntime":
-        from ..core.vision_onnx import OnnxRuntimeVision
+        from ...core.vision_onnx import OnnxRuntimeVision
         return OnnxRuntimeVision.from_artifacts(artifacts, manifest, opts)
     if kind == "tensorrt":
-        from ..core.vision_tensorrt import TensorRTVision
+        from ...core.vision_tensorrt import TensorRTVision
         return TensorRTVision.from_artifacts(artifacts, manifest, opts)
     raise ValueError(f"unknown backend {kind}")
 
@@ -99,8 +99,8 @@ def _file_mb(artifacts: Path, manifest: dict, kind: str, dtype: str):
 
 
 def run(a) -> dict:
-    from ..core.onnx_export import compare
-    from ..core.preprocess import preprocess
+    from ...core.onnx_export import compare
+    from ...core.preprocess import preprocess
 
     model = Path(a.model)
     out = Path(a.out) if a.out else None
@@ -121,7 +121,7 @@ def run(a) -> dict:
     src = Path(manifest.get("source", {}).get("path", model))
 
     def ckpt_loader():
-        from ..core.checkpoint import load_checkpoint
+        from ...core.checkpoint import load_checkpoint
         return load_checkpoint(src)
 
     frames = bench_frames(max(batches))
@@ -129,7 +129,7 @@ def run(a) -> dict:
     pixels_all = np.stack([preprocess(f) for f in frames])
 
     # the reference: torch fp32 on the same frames
-    from ..core.vision import TorchVision
+    from ...core.vision import TorchVision
     ref_backend = TorchVision(ckpt_loader(), "cpu", a.threads)
     reference = ref_backend.encode_pixels(pixels_all)
     del ref_backend
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None, help="folder for vision.json and vision.md")
     a = ap.parse_args(argv)
-    from ..core.errors import MobileVLMError
+    from ...core.errors import MobileVLMError
     try:
         result = run(a)
     except MobileVLMError as e:

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
     from mobilevlm_ros.srv import Ask as AskService
 
-    from .ask_client import format_result, result_dict
+    from ..ros.ask_client import format_result, result_dict
 
     ns = "/" + a.namespace.strip("/")
     node_name = f"{ns}/mobilevlm"

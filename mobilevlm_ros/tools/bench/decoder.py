@@ -62,7 +62,7 @@ def _machine(threads: int) -> dict:
 
 
 def _run_child(job: dict, timeout: float) -> dict:
-    return run_worker("mobilevlm_ros.bench.decoder", job, timeout)
+    return run_worker("mobilevlm_ros.tools.bench.decoder", job, timeout)
 
 
 def _log(msg: str) -> None:
@@ -72,8 +72,8 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------------------------------ GGUF files
 
 def _checkpoint_key(model: Path) -> dict:
-    from ..core.artifacts import sha256_file
-    from ..core.checkpoint import weight_files
+    from ...core.artifacts import sha256_file
+    from ...core.checkpoint import weight_files
     return {"config_sha256": sha256_file(model / "config.json"),
             "tokenizer_sha256": sha256_file(model / "tokenizer.model"),
             "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weight_files(model)]}
@@ -81,7 +81,7 @@ def _checkpoint_key(model: Path) -> dict:
 
 def ensure_gguf(model: Path, gguf_dir: Path, quants, timeout: float) -> tuple[dict, Path, dict]:
     """(llm section {quant: entry}, folder holding the files, export info) for --model."""
-    from ..core.artifacts import MANIFEST, read_manifest
+    from ...core.artifacts import MANIFEST, read_manifest
     if (model / MANIFEST).is_file():
         m = read_manifest(model)
         section = m.get("llm") or {}
@@ -119,8 +119,8 @@ def ensure_gguf(model: Path, gguf_dir: Path, quants, timeout: float) -> tuple[di
 # ------------------------------------------------------------------------------------ workers
 
 def _worker_export(job: dict) -> dict:
-    from ..core.checkpoint import load_checkpoint
-    from ..core.gguf_export import export_gguf
+    from ...core.checkpoint import load_checkpoint
+    from ...core.gguf_export import export_gguf
     t0 = time.perf_counter()
     last = [0.0]
 
@@ -212,11 +212,11 @@ class PureLlama:
 def _worker_quant(job: dict) -> dict:
     import numpy as np
 
-    from ..core.decoders.llamacpp_decoder import LlamaCppDecoder
-    from ..core.generation import GenerationParams
-    from ..core.prompt import build_prompt
-    from ..core.tokenizer import Tokenizer
-    from ..core.vision import ImageEmbedding
+    from ...core.decoders.llamacpp_decoder import LlamaCppDecoder
+    from ...core.generation import GenerationParams
+    from ...core.prompt import build_prompt
+    from ...core.tokenizer import Tokenizer
+    from ...core.vision import ImageEmbedding
 
     quant, n_gen, repeats, warmup = job["quant"], job["tokens"], job["repeats"], job["warmup"]
     tok = Tokenizer(job["tokenizer"])
@@ -351,7 +351,7 @@ def plot(result: dict, ax) -> None:
 
 
 def run(a) -> dict:
-    from ..core.decoders.llamacpp_decoder import default_threads
+    from ...core.decoders.llamacpp_decoder import default_threads
     model = Path(a.model)
     if not model.is_dir():
         raise SystemExit(f"mobilevlm-bench decoder: model folder not found: {model}")

@@ -1,1 +1,0 @@
-"""Benchmarks behind `mobilevlm-bench` (tools/bench.py): one module per sub-benchmark, each with main(argv)."""
