@@ -34,8 +34,10 @@ QUESTION_FIELDS = {
     "temperature": "float",
     "top_p": "float",
     "seed": "int64",
+    "max_frame_age_ms": "double",
 }
 RESULT_FIELDS = {
+    "status": "mobilevlm_ros/Status",
     "success": "boolean",
     "answer": "string",
     "error": "string",
@@ -47,11 +49,13 @@ RESULT_FIELDS = {
     "vision_ms": "double",
     "prefill_ms": "double",
     "decode_ms": "double",
+    "first_token_ms": "double",
     "total_ms": "double",
     "frame_age_ms": "double",
 }
 FEEDBACK_FIELDS = {"text": "string", "tokens": "int32"}
 ANSWER_FIELDS = {
+    "status": "mobilevlm_ros/Status",
     "header": "std_msgs/Header",
     "camera": "string",
     "question": "string",
@@ -63,6 +67,7 @@ ANSWER_FIELDS = {
     "vision_ms": "double",
     "prefill_ms": "double",
     "decode_ms": "double",
+    "first_token_ms": "double",
     "total_ms": "double",
     "answered_at": "builtin_interfaces/Time",
 }
@@ -75,10 +80,12 @@ def _question(cls):
 
 
 def _result(cls):
-    return cls(success=True, answer="A red cube.", error="",
+    from mobilevlm_ros.msg import Status
+    return cls(status=Status(code=Status.OK), success=True, answer="A red cube.", error="",
                header=Header(stamp=Time(sec=12, nanosec=34), frame_id="camera_optical"),
                camera="front", prompt_tokens=190, completion_tokens=5, finish_reason="stop",
-               vision_ms=1.5, prefill_ms=2.5, decode_ms=3.5, total_ms=8.25, frame_age_ms=40.0)
+               vision_ms=1.5, prefill_ms=2.5, decode_ms=3.5, first_token_ms=2.75, total_ms=8.25,
+               frame_age_ms=40.0)
 
 
 def _answer():
@@ -120,14 +127,24 @@ def test_an_empty_question_means_node_defaults(cls):
 
 def test_every_field_is_documented():
     """Each field line of the definition files has a comment right above it."""
-    for rel in ("msg/Answer.msg", "srv/Ask.srv", "action/Ask.action"):
+    for rel in ("msg/Answer.msg", "msg/Status.msg", "srv/Ask.srv", "action/Ask.action"):
         lines = (REPO / rel).read_text().splitlines()
         fields = 0
         for i, line in enumerate(lines):
             if re.match(r"^[A-Za-z_][\w/]*(\[\d*\])?\s+\w+", line):
                 fields += 1
                 assert lines[i - 1].startswith("#"), f"{rel}:{i + 1} undocumented field: {line}"
-        assert fields >= 6, rel
+        assert fields >= (1 if rel == "msg/Status.msg" else 6), rel
+
+
+def test_status_constants_are_the_engines():
+    """Clients branch on status.code: the definition file's constants are the engine's Status."""
+    from mobilevlm_ros.engine.requests import Status as EngineStatus
+    from mobilevlm_ros.msg import Status
+    constants = {name: getattr(Status, name) for name in EngineStatus.__members__}
+    assert constants == {s.name: int(s) for s in EngineStatus}
+    text = (REPO / "msg" / "Status.msg").read_text()
+    assert set(re.findall(r"^uint8 ([A-Z_]+)=", text, re.M)) == set(EngineStatus.__members__)
 
 
 def test_python_package_merges_code_and_generated_types():

@@ -102,7 +102,7 @@ def test_digest_reuses_hash_only_while_file_is_unchanged(fake_onnx):
 
 
 def test_int8_graph_is_refused_before_touching_tensorrt(tmp_path):
-    opts = types.SimpleNamespace(vision_dtype="int8", engine_cache=None, extra={})
+    opts = types.SimpleNamespace(vision_dtype="int8", engine_cache=None)
     with pytest.raises(ModelLoadError, match="int8"):
         vt.TensorRTVision.from_artifacts(tmp_path, {"vision": {}}, opts)
 

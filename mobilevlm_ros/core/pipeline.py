@@ -6,6 +6,7 @@ torch reference for both halves; artifacts run ONNX Runtime and llama.cpp and ne
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,25 @@ log = logging.getLogger(__name__)
 
 VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DECODERS = ("torch", "llamacpp")
-QUANTS = ("f16", "q8_0", "q4_k_m")
+QUANTS = ("f16", "q8_0", "q4_k_m", "q4_0", "iq4_xs", "q5_k_m")
+
+
+@dataclass
+class LlamaCppOptions:
+    """What LlamaCppDecoder takes beyond LoadOptions' common fields (see its __init__)."""
+    n_ctx: int = 0                          # 0 = the model's training context
+    n_batch: int = 512
+    threads_batch: int = 0                  # 0 = threads
+    extra_buffers: Optional[bool] = None    # None = repacked layouts unless the CPU backend has AMX
+    mmap: Optional[bool] = None             # None = map unless the weights are repacked on the CPU
+    flash_attn: Optional[bool] = None       # None = llama.cpp's choice
+
+
+@dataclass
+class TensorRTOptions:
+    fp16: bool = True
+    max_batch: int = 4
+    rebuild: bool = False                   # build the engine even if a matching one is cached
 
 
 @dataclass
@@ -31,7 +50,7 @@ class LoadOptions:
     vision_backend: str = "auto"        # auto | torch | onnxruntime | tensorrt
     decoder: str = "auto"               # auto | torch | llamacpp
     quant: str = "q4_k_m"               # GGUF file the llamacpp decoder loads
-    vision_dtype: str = "fp32"          # ONNX graph the onnx backends load: fp32 | fp16 | ...
+    vision_dtype: str = "auto"          # ONNX graph the onnx backends load: auto | fp32 | fp16 | int8
     device: str = "cpu"                 # torch backends: cpu | cuda
     threads: int = 0                    # 0 = library default
     gpu_layers: int = 0                 # llama.cpp layers offloaded to a GPU
@@ -39,7 +58,31 @@ class LoadOptions:
     vision_tower: Optional[str] = None  # explicit CLIP folder for V1 checkpoints
     onnx_providers: Optional[list] = None
     engine_cache: Optional[str] = None  # TensorRT engine / timing cache folder
-    extra: dict = field(default_factory=dict)
+    n_ctx: int = 0                      # shorthand for llamacpp.n_ctx (a node parameter)
+    llamacpp: LlamaCppOptions = field(default_factory=LlamaCppOptions)
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+
+
+# vision_dtype "auto" on a CPU takes the int8 graph when the export measured its embeddings this close
+# to the float32 torch reference (cosine over the check frames, manifest.json "check")
+INT8_MIN_COSINE = 0.999
+
+
+def choose_vision_dtype(manifest: dict, vision_backend: str, device: str) -> tuple[str, str]:
+    """(graph, why) for vision_dtype "auto": on a GPU backend the fp16 graph, on the CPU the int8
+    graph if its recorded fidelity is within INT8_MIN_COSINE, else fp32."""
+    graphs = manifest.get("vision", {})
+    if vision_backend == "tensorrt" or (vision_backend == "onnxruntime" and str(device).startswith("cuda")):
+        return ("fp16", "GPU backend") if "fp16" in graphs else ("fp32", "GPU backend, no fp16 graph exported")
+    int8 = graphs.get("int8")
+    if int8 is None:
+        return "fp32", "no int8 graph exported"
+    cosine = (int8.get("check") or {}).get("cosine")
+    if cosine is None:
+        return "fp32", "the int8 graph's fidelity is not recorded in manifest.json"
+    if cosine < INT8_MIN_COSINE:
+        return "fp32", f"the int8 graph's cosine {cosine:.5f} is below {INT8_MIN_COSINE}"
+    return "int8", f"CPU, int8 cosine {cosine:.5f} >= {INT8_MIN_COSINE}"
 
 
 def is_artifacts(path: Path) -> bool:
@@ -114,8 +157,13 @@ def load_model(path, opts: Optional[LoadOptions] = None, **kw) -> MobileVLM:
     if "torch" in (vision_name, decoder_name):
         ckpt = _checkpoint_for(path, opts, manifest)
     tok_dir = path if manifest else ckpt.path
-    tokenizer = Tokenizer(tok_dir / "tokenizer.model")
+    from .tokenizer import load_tokenizer      # tokenizer.model, or tokenizer.json without one
+    tokenizer = load_tokenizer(tok_dir)
 
+    if manifest and vision_name != "torch" and opts.vision_dtype == "auto":
+        dtype, why = choose_vision_dtype(manifest, vision_name, opts.device)
+        log.info("vision_dtype auto: the %s graph (%s)", dtype, why)
+        opts = dataclasses.replace(opts, vision_dtype=dtype)
     if vision_name == "torch":
         from .vision import TorchVision
         vision = TorchVision(ckpt, opts.device, opts.threads)

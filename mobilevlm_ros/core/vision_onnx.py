@@ -144,12 +144,11 @@ class OnnxRuntimeVision(VisionBackend):
         if in_dtype != "float32":
             raise ModelLoadError(f"{onnx_path}: input dtype {in_dtype} is not supported (float32 only)")
         cache = Path(opts.engine_cache) if getattr(opts, "engine_cache", None) else path / "engines" / "ort-trt"
-        extra = getattr(opts, "extra", None) or {}
         return cls(onnx_path, image_size=int(manifest.get("image_size", 336)), threads=opts.threads,
                    providers=opts.onnx_providers, engine_cache=cache, dtype=dtype,
                    image_tokens=manifest.get("image_tokens"), hidden=manifest.get("hidden_size"),
                    input_name=entry.get("input", {}).get("name", "pixel_values"),
-                   max_batch=int(extra.get("tensorrt_max_batch", 4)))
+                   max_batch=int(opts.tensorrt.max_batch))
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         pixels = validate_pixels(pixels, self.image_size)

@@ -238,8 +238,8 @@ class TensorRTVision(VisionBackend):
     def from_artifacts(cls, path, manifest: dict, opts) -> "TensorRTVision":
         """Engine for opts.vision_dtype's graph, built on first use (or when stale).
 
-        opts.extra: tensorrt_fp16 (default True), tensorrt_max_batch (default 4),
-        tensorrt_rebuild (default False). Engines go to opts.engine_cache or ARTIFACTS/engines.
+        opts.tensorrt (pipeline.TensorRTOptions): fp16, max_batch, rebuild. Engines go to
+        opts.engine_cache or ARTIFACTS/engines.
         """
         from .artifacts import artifact_path
         path = Path(path)
@@ -248,12 +248,11 @@ class TensorRTVision(VisionBackend):
             raise ModelLoadError("the tensorrt backend builds from the fp32 (or fp16) graph; the int8 graph "
                                  "uses ONNX Runtime's dynamic quantization, which TensorRT does not run")
         onnx_path = artifact_path(path, manifest, "vision", dtype)
-        extra = getattr(opts, "extra", None) or {}
         engine_dir = Path(opts.engine_cache) if getattr(opts, "engine_cache", None) else path / ENGINE_DIR
-        fp16 = bool(extra.get("tensorrt_fp16", True)) or dtype == "fp16"
+        fp16 = bool(opts.tensorrt.fp16) or dtype == "fp16"
         engine = ensure_engine(onnx_path, engine_dir, dtype, fp16,
-                               int(extra.get("tensorrt_max_batch", DEFAULT_MAX_BATCH)),
-                               int(manifest.get("image_size", 336)), bool(extra.get("tensorrt_rebuild", False)))
+                               int(opts.tensorrt.max_batch or DEFAULT_MAX_BATCH),
+                               int(manifest.get("image_size", 336)), bool(opts.tensorrt.rebuild))
         return cls(engine, int(manifest.get("image_size", 336)), dtype, fp16)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:

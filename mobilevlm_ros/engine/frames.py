@@ -54,7 +54,7 @@ class FrameUnavailable(MobileVLMError):
 
 @dataclass
 class Frame:
-    """A received frame, not encoded yet: raw pixels or compressed bytes."""
+    """A received frame, not encoded yet: a raw image, compressed bytes or decoded pixels."""
     camera: str
     header: Any                       # std_msgs/Header as received (copied into answers)
     stamp_ns: int                     # header stamp; the receive time when the stamp is zero
@@ -74,7 +74,9 @@ class Frame:
 
 @dataclass
 class CachedFrame:
-    """An encoded frame: its header and its image embedding (core.vision.ImageEmbedding)."""
+    """An encoded frame: its header and its image embedding (core.vision.ImageEmbedding). A frame
+    cached lazily (replay, where encoding is simulated as instant) has no embedding yet, only its
+    source frame: FrameStore.ensure_embedding computes it at first use, with the same result."""
     camera: str
     header: Any
     stamp_ns: int
@@ -82,6 +84,7 @@ class CachedFrame:
     embedding: Any
     vision_ms: float
     seq: int
+    source: Optional[Frame] = None
 
     @property
     def encoded(self) -> bool:
@@ -96,7 +99,7 @@ def decode_frame(frame: Frame) -> Tuple[np.ndarray, str]:
     here (in the vision worker, not in the image callback). Raises ImageError."""
     if frame.raw is not None:
         return raw_to_rgb(frame.raw), "rgb"
-    if frame.pixels is not None:
+    if frame.pixels is not None:          # already decoded (tools, tests)
         return np.ascontiguousarray(frame.pixels), frame.channel_order
     if frame.compressed is None:
         raise ImageError("frame has neither pixels nor compressed data")
@@ -278,9 +281,10 @@ class FrameStore:
         with self._lock:
             self._has_pending.notify_all()
 
-    def encode_pending(self, model) -> List[CachedFrame]:
+    def encode_pending(self, model, lazy: bool = False) -> List[CachedFrame]:
         """Encode the pending frame of every camera in one model.encode call; returns what was cached.
-        Frames that cannot be decoded are counted as rejected and skipped."""
+        Frames that cannot be decoded are counted as rejected and skipped. lazy: cache them now and
+        encode each at its first use (ensure_embedding), for a simulated vision worker."""
         with self.vision_lock:
             with self._lock:
                 if self._holds:             # an answer started since wait_pending: leave them pending
@@ -288,7 +292,20 @@ class FrameStore:
                 taken = [c.pending for c in self.cameras.values() if c.pending is not None]
                 for c in self.cameras.values():
                     c.pending = None
+                if lazy:
+                    return [self._cache(CachedFrame(f.camera, f.header, f.stamp_ns, f.received_ns, None, 0.0,
+                                                    f.seq, source=f), None) for f in taken]
             return self._encode(model, taken)
+
+    def ensure_embedding(self, model, cached: CachedFrame) -> float:
+        """Encode a lazily cached frame now; returns the ms spent (0 if it had its embedding).
+        Raises ImageError when it cannot be decoded or encoded."""
+        with self.vision_lock:
+            if cached.embedding is not None:
+                return 0.0
+            [done] = self._encode(model, [cached.source], raise_errors=True, keep=False)
+            cached.embedding, cached.vision_ms, cached.source = done.embedding, done.vision_ms, None
+            return done.vision_ms
 
     def encode_frame(self, model, frame: AnyFrame) -> Tuple[CachedFrame, bool]:
         """The cached frame for `frame`, encoding it now if nobody has. Returns (cached, encoded_now).
@@ -306,7 +323,8 @@ class FrameStore:
             cached = self._encode(model, [frame], raise_errors=True)
             return cached[0], True
 
-    def _encode(self, model, frames: List[Frame], raise_errors: bool = False) -> List[CachedFrame]:
+    def _encode(self, model, frames: List[Frame], raise_errors: bool = False,
+                keep: bool = True) -> List[CachedFrame]:
         ready: List[Tuple[Frame, np.ndarray]] = []
         for f in frames:
             try:
@@ -338,15 +356,19 @@ class FrameStore:
             for (f, _), emb in zip(ready, embeddings):
                 c = CachedFrame(f.camera, f.header, f.stamp_ns, f.received_ns, emb,
                                 float(getattr(emb, "vision_ms", 0.0)), f.seq)
-                cam = self.cameras[f.camera]
-                cam.cache.append(c)
-                st = cam.stats
-                st.encoded += 1
-                st.vision_ms = c.vision_ms
-                st.vision_ms_avg = c.vision_ms if st.encoded == 1 else 0.8 * st.vision_ms_avg + 0.2 * c.vision_ms
-                st.latency_ms = (done_mono - f.received_mono) * 1e3
-                out.append(c)
+                out.append(self._cache(c, (done_mono - f.received_mono) * 1e3) if keep else c)
         return out
+
+    def _cache(self, c: CachedFrame, latency_ms: Optional[float]) -> CachedFrame:    # self._lock held
+        cam = self.cameras[c.camera]
+        cam.cache.append(c)
+        st = cam.stats
+        st.encoded += 1
+        if latency_ms is not None:          # lazily cached frames have no encode time yet
+            st.vision_ms = c.vision_ms
+            st.vision_ms_avg = c.vision_ms if st.encoded == 1 else 0.8 * st.vision_ms_avg + 0.2 * c.vision_ms
+            st.latency_ms = latency_ms
+        return c
 
     # ------------------------------------------------------------------ questions
     def select(self, camera: str, now_ns: int, max_age_s: float, stamp_ns: int = 0,

@@ -1,27 +1,28 @@
 """rosbag2 reading and writing on `rosbags` (pure Python: no ROS install needed).
 
-- `open_bag(path)`: a rosbag2 folder (sqlite3 or mcap storage) or a bare .db3 / .mcap file, read with
+- `BagReader(path)`: a rosbag2 folder (sqlite3 or mcap storage) or a bare .db3 / .mcap file, read with
   rosbags' AnyReader; every failure (missing, corrupt, truncated, unsupported) becomes a `BagError`
   that names the file, also when it happens while messages are read (`iter_messages`).
 - `image_topics(reader)`: topic -> message type for the sensor_msgs Image / CompressedImage topics.
 - `BagWriter`: writes a new rosbag2 folder (sqlite3 or mcap) of sensor_msgs images and of
-  mobilevlm_ros/msg/Answer messages, the latter type registered from the package's msg/Answer.msg
-  text (`answer_msgdef`), so the bag carries the very definition the node publishes.
+  mobilevlm_ros/msg/Answer messages, the latter type registered from the installed msg/*.msg
+  definitions (`msg_definition`), so the bag carries the very definition the node publishes.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, Tuple
 
 import numpy as np
 
 from ..core.errors import MobileVLMError
+from ..resources import share_file
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (IMAGE, COMPRESSED)
 ANSWER = "mobilevlm_ros/msg/Answer"
+STATUS = "mobilevlm_ros/msg/Status"
 STORAGES = ("sqlite3", "mcap")
 BAG_VERSION = 8              # rosbag2 metadata version of the bags we write (Jazzy writes 8)
 INSTALL_HINT = "pip install 'rosbags==0.11.9'"
@@ -39,19 +40,16 @@ def _rosbags():
 
 
 # ------------------------------------------------------------------------------------------- types
-def answer_msgdef() -> Tuple[Path, str]:
-    """(path, text) of msg/Answer.msg: beside the package in a source or editable checkout, else in
-    share/mobilevlm_ros/msg of an ament/colcon install ($AMENT_PREFIX_PATH)."""
-    here = Path(__file__).resolve().parent
-    places = [here.parent / "msg" / "Answer.msg"]
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
-        if prefix:
-            places.append(Path(prefix) / "share" / "mobilevlm_ros" / "msg" / "Answer.msg")
-    for p in places:
-        if p.is_file():
-            return p, p.read_text()
-    raise BagError("cannot find the mobilevlm_ros/msg/Answer definition (looked in "
-                   + ", ".join(str(p) for p in places) + ")")
+MSG_TYPES = (STATUS, ANSWER)     # Answer nests Status: register both, in this order
+
+
+def msg_definition(msgtype: str) -> Tuple[Path, str]:
+    """(path, text) of one of our message definitions, as installed (share/mobilevlm_ros/msg)."""
+    try:
+        path = share_file("msg", msgtype.rsplit("/", 1)[1] + ".msg")
+    except FileNotFoundError as e:
+        raise BagError(f"cannot find the {msgtype} definition: {e}") from None
+    return path, path.read_text()
 
 
 def typestore(with_answer: bool = False):
@@ -60,11 +58,12 @@ def typestore(with_answer: bool = False):
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
     store = get_typestore(Stores.ROS2_JAZZY)
     if with_answer:
-        path, text = answer_msgdef()
-        try:
-            store.register(get_types_from_msg(text, ANSWER))
-        except Exception as e:
-            raise BagError(f"{path}: cannot parse the message definition: {e}") from None
+        for msgtype in MSG_TYPES:
+            path, text = msg_definition(msgtype)
+            try:
+                store.register(get_types_from_msg(text, msgtype))
+            except Exception as e:
+                raise BagError(f"{path}: cannot parse the message definition: {e}") from None
     return store
 
 
@@ -169,10 +168,6 @@ class BagReader:
                            f"{', '.join(sorted(topics))} could be read (the file is corrupt or truncated)")
 
 
-def open_bag(path) -> BagReader:
-    return BagReader(path)
-
-
 # ------------------------------------------------------------------------------------------ writing
 class BagWriter:
     """A new rosbag2 bag folder (context manager): images and Answer messages.
@@ -242,25 +237,13 @@ class BagWriter:
 
     def answer(self, *, stamp_ns: int, frame_id: str, camera: str, question: str, answer: str,
                model_id: str, prompt_tokens: int, completion_tokens: int, finish_reason: str,
-               vision_ms: float, prefill_ms: float, decode_ms: float, total_ms: float,
-               answered_at_ns: int):
-        Answer = self.store.types[ANSWER]
-        return Answer(header=self.header(stamp_ns, frame_id), camera=camera, question=question,
-                      answer=answer, model_id=model_id, prompt_tokens=int(prompt_tokens),
+               vision_ms: float, prefill_ms: float, decode_ms: float, first_token_ms: float,
+               total_ms: float, answered_at_ns: int, status: int = 0):
+        Answer, Status = self.store.types[ANSWER], self.store.types[STATUS]
+        return Answer(status=Status(code=int(status)), header=self.header(stamp_ns, frame_id), camera=camera,
+                      question=question, answer=answer, model_id=model_id, prompt_tokens=int(prompt_tokens),
                       completion_tokens=int(completion_tokens), finish_reason=finish_reason,
                       vision_ms=float(vision_ms), prefill_ms=float(prefill_ms),
-                      decode_ms=float(decode_ms), total_ms=float(total_ms),
-                      answered_at=self.time(answered_at_ns))
+                      decode_ms=float(decode_ms), first_token_ms=float(first_token_ms),
+                      total_ms=float(total_ms), answered_at=self.time(answered_at_ns))
 
-
-def msg_stamp_ns(msg) -> int:
-    """header.stamp of a deserialized message, in nanoseconds."""
-    s = msg.header.stamp
-    return int(s.sec) * 1_000_000_000 + int(s.nanosec)
-
-
-def read_answers(path) -> list:
-    """Every mobilevlm_ros/msg/Answer in a bag, as (topic, bag time ns, message), in time order."""
-    with open_bag(path) as bag:
-        topics = [t for t, m in bag.topics().items() if m == ANSWER]
-        return [(t, ts, msg) for t, _, ts, msg in bag.iter_messages(topics)]

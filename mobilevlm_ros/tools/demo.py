@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import signal
 import subprocess
 import sys
@@ -29,17 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGE = "mobilevlm_ros"
+from ..resources import share_file
 
-
-def find_share_file(rel: str) -> Path | None:
-    """A file of the package: the source tree first, then <prefix>/share/mobilevlm_ros/ of an install."""
-    candidates = [REPO / rel, Path.cwd() / rel]
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) + [sys.prefix]:
-        if prefix:
-            candidates.append(Path(prefix) / "share" / PACKAGE / rel)
-    return next((c for c in candidates if c.exists()), None)
+DEFAULT_MODELS = ("models/tiny-v2-artifacts", "models/tiny-v2")    # what scripts/setup.sh makes
 
 
 class SampleCamera:
@@ -126,13 +117,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     # default: the tiny model's export (ONNX Runtime vision + llama.cpp, the product path)
-    model = Path(a.model) if a.model else (find_share_file("models/tiny-v2-artifacts")
-                                           or find_share_file("models/tiny-v2"))
+    model = Path(a.model) if a.model else next((Path(m) for m in DEFAULT_MODELS if Path(m).is_dir()), None)
     if model is None or not model.is_dir():
         print(f"mobilevlm-demo: model folder not found: {a.model or 'models/tiny-v2'} (pass --model; "
               f"`mobilevlm-make-tiny` makes a tiny one)", file=sys.stderr)
         return 1
-    params = Path(a.params_file) if a.params_file else find_share_file("config/mobilevlm.yaml")
+    try:
+        params = Path(a.params_file) if a.params_file else share_file("config", "mobilevlm.yaml")
+    except FileNotFoundError:
+        params = None
     if params is None or not params.is_file():
         print(f"mobilevlm-demo: parameters file not found: {a.params_file or 'config/mobilevlm.yaml'}",
               file=sys.stderr)

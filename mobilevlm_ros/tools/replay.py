@@ -2,16 +2,18 @@
 
     mobilevlm-replay BAG --questions FILE --out answers.jsonl --model PATH
                      [--vision-backend B] [--decoder D] [--quant Q] [--max-new-tokens N] [--temperature T]
-                     [--top-p P] [--seed S] [--max-frame-age S] [--answers-bag PATH]
+                     [--top-p P] [--seed S] [--max-frame-age S] [--params NODE.yaml]
+                     [--vision-rate-hz HZ] [--frame-cache-size N] [--answers-bag PATH]
                      [--expect PREVIOUS.jsonl] [--no-progress]
 
 BAG: a rosbag2 folder (sqlite3 or mcap storage) or a bare .mcap / .db3 file, read with `rosbags` (no
 ROS install needed). Camera topics: sensor_msgs/msg/Image or sensor_msgs/msg/CompressedImage.
-Messages are read in bag time order; a question asked at bag time t sees every frame recorded at or
-before t and gets the frame the node would pick (mobilevlm_ros.engine.frames.select_frame): the newest
-frame at most max_frame_age_s old at t, or the frame closest to a requested stamp. Frames are
-validated and decoded by the node's own functions (mobilevlm_ros.ros.conversion, frames), only frames
-some question uses are encoded, and one embedding serves every question about its frame.
+The node's own engine (mobilevlm_ros.engine) runs on the bag's clock: messages are offered in bag
+time order as the node's image callbacks offer them, a simulated vision worker caches frames on
+the node's schedule (vision_rate_hz; encoding takes no time there, and a frame's embedding is
+computed once, at its first use), and each question is submitted at its bag time and answered
+before the bag moves on. So a question gets the frame the node would pick (engine.frames
+.select_frame) whatever this machine's speed, and, under the determinism contract, the same answer.
 
 Output: one JSON line per question (answers, and failures with "error"), a summary in
 <out>.summary.json and on stderr. --answers-bag writes the answers as mobilevlm_ros/msg/Answer
@@ -38,20 +40,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .bagio import ANSWER, COMPRESSED, IMAGE, BagError, BagWriter, open_bag
+from .bagio import ANSWER, COMPRESSED, IMAGE, BagError, BagReader, BagWriter
 from ..core.errors import ImageError, MobileVLMError, ModelLoadError, RequestError
 from ..core.generation import GenerationParams
-from ..engine.images import check_compressed, check_raw
+from ..engine.config import AUTO_AGE_MIN_S, ConfigError, EngineConfig
+from ..engine.engine import Engine, SimClock
+from ..engine.frames import NS
+from ..engine.requests import Request, Result
 from ..ros.conversion import raw_image, stamp_ns
-from ..engine.frames import NS, Frame, FrameStore, check_requested_stamp, select_frame
 from .ask import add_generation_args, add_model_args, load_from_args, params_from_args
 
 log = logging.getLogger("mobilevlm-replay")
 
-DEFAULT_MAX_FRAME_AGE_S = 2.0      # the node's default (parameter max_frame_age_s)
 ANSWERS_TOPIC = "/mobilevlm/answers"
-EMBEDDING_CACHE = 16               # encoded frames kept per camera for reuse
-NO_LIMIT_WINDOW = 512              # frames kept per camera when max_frame_age_s is 0 (no limit)
 PROGRESS_MIN_MESSAGES = 200
 LIST_LIMIT = 50                    # --expect differences printed
 EXIT_OK, EXIT_MODEL, EXIT_INPUT, EXIT_CHANGED = 0, 1, 2, 3
@@ -276,43 +277,7 @@ def timed_asks(qf: QuestionsFile, start_ns: int, end_ns: int) -> List[Ask]:
     return out
 
 
-# ------------------------------------------------------------------------------------ frames
-def frame_from_msg(camera: str, msgtype: str, msg, received_ns: int) -> Frame:
-    """A deserialized bag message -> the node's Frame, validated as the node's image callbacks do
-    (MobileVLMNode._on_image / _on_compressed): raw pixels are checked and viewed, compressed data
-    only sniffed (decoded when a question uses the frame). Raises ImageError."""
-    stamp = stamp_ns(msg.header.stamp) or received_ns
-    if msgtype == IMAGE:
-        raw = raw_image(msg)
-        check_raw(raw)
-        return Frame(camera, msg.header, stamp, received_ns, raw=raw)
-    check_compressed(msg.format, msg.data)
-    return Frame(camera, msg.header, stamp, received_ns, compressed=msg.data, fmt=msg.format)
-
-
-class FrameWindow:
-    """One camera's received frames that a question could still get under the node's policy.
-
-    Frames older than max_frame_age_s can only matter as the newest stale frame (the closest one to a
-    requested stamp, or the one the error message names), so older stale ones are dropped: the
-    selection over this window equals the selection over every frame received so far."""
-
-    def __init__(self, max_age_s: float):
-        self.max_age_s = max_age_s
-        self.frames: List[Frame] = []
-
-    def add(self, frame: Frame, now_ns: int) -> None:
-        self.frames.append(frame)
-        if self.max_age_s > 0:
-            limit = now_ns - int(round(self.max_age_s * NS))
-            stale = [f for f in self.frames if f.stamp_ns < limit]
-            if len(stale) > 1:
-                keep = max(stale, key=lambda f: (f.stamp_ns, f.seq))
-                self.frames = [f for f in self.frames if f.stamp_ns >= limit or f is keep]
-        elif len(self.frames) > NO_LIMIT_WINDOW:
-            del self.frames[0]
-
-
+# ------------------------------------------------------------------------------------ replay
 @dataclass
 class FrameInfo:
     topic: str
@@ -320,27 +285,53 @@ class FrameInfo:
     bag_ns: int
 
 
-# ------------------------------------------------------------------------------------ replay
 def _stamp_dict(ns: Optional[int]):
     return None if not ns else {"sec": ns // NS, "nanosec": ns % NS}
 
 
-def _header_stamp_ns(header) -> int:
-    return int(header.stamp.sec) * NS + int(header.stamp.nanosec)
+def engine_config(qf: QuestionsFile, params_file: Optional[str] = None, **overrides) -> EngineConfig:
+    """The engine's settings: the node's defaults, or those of a node parameters file (the
+    `/**: ros__parameters` mapping of config/mobilevlm.yaml), with the bag's cameras and the
+    frame-age limit of the command line / questions file."""
+    values: Dict[str, Any] = {}
+    if params_file:
+        import yaml
+        try:
+            doc = yaml.safe_load(Path(params_file).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise QuestionsError(f"cannot read parameters file {params_file}: {e}") from None
+        section = next((v.get("ros__parameters") for v in (doc or {}).values()
+                        if isinstance(v, dict) and "ros__parameters" in v), None)
+        if not isinstance(section, dict):
+            raise QuestionsError(f"{params_file}: no '<node>: ros__parameters:' mapping")
+        values = {k: v for k, v in section.items() if k in EngineConfig.specs()}
+    values.update(cameras=tuple(qf.cameras), **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return EngineConfig(**values).validate()
+    except ConfigError as e:
+        raise QuestionsError(f"engine settings: {e}") from None
 
 
 class Replay:
-    """Walks the bag, keeps the frame windows, answers the questions; records lines and stats."""
+    """Walks the bag through the node's engine on the bag's clock, answers the questions, records
+    one line per question and the run's counts.
 
-    def __init__(self, bag, qf: QuestionsFile, model, base_params: GenerationParams, max_age_s: float,
+    The engine runs stepped (no threads): each camera message is offered as the node's image
+    callback would offer it, the simulated vision worker caches frames on the node's schedule
+    (vision_rate_hz on the bag's clock; encoding is instant there and computed once, at a frame's
+    first use), and each question is submitted at its bag time and answered before the bag moves
+    on, so frame choices and answers do not depend on this machine's speed."""
+
+    def __init__(self, bag, qf: QuestionsFile, model, base_params: GenerationParams, config: EngineConfig,
                  out, answers_bag: Optional[BagWriter] = None, progress: Optional[bool] = None):
-        self.bag, self.qf, self.model, self.max_age_s = bag, qf, model, max_age_s
+        self.bag, self.qf, self.model = bag, qf, model
         self.out, self.answers_bag, self.progress = out, answers_bag, progress
         self.base = dataclasses.replace(base_params, **qf.defaults).validate()
         self.params = {e.index: dataclasses.replace(self.base, **e.gen).validate() for e in qf.entries}
         self.start_ns, self.end_ns = bag.start_ns, bag.end_ns
-        self.windows = {c: FrameWindow(max_age_s) for c in qf.cameras}
-        self.store = FrameStore(list(qf.cameras), EMBEDDING_CACHE)   # the node's encode path + cache
+        self.clock = SimClock(self.start_ns)
+        self.engine = Engine(model, config, clock=self.clock, simulated=True)
+        self.config = config
         self.info: Dict[int, FrameInfo] = {}
         self.counts = {c: 0 for c in qf.cameras}
         self.rejected: Dict[str, List[str]] = {c: [] for c in qf.cameras}
@@ -365,18 +356,14 @@ class Replay:
                 while nxt < len(pending) and pending[nxt].at_ns < ts:
                     self.answer(pending[nxt])
                     nxt += 1
+                self.clock.set(ts)
                 camera = topic_cam[topic]
                 index = self.counts[camera]
                 self.counts[camera] += 1
-                frame = None
-                try:
-                    frame = frame_from_msg(camera, msgtype, msg, ts)
-                except ImageError as e:
-                    self.rejected[camera].append(f"frame {index} at bag time {ts}: {e}")
-                    self.rejected_at[(camera, index)] = str(e)
+                frame = self.offer(camera, msgtype, msg, index)
                 if frame is not None:
                     self.info[frame.seq] = FrameInfo(topic, index, ts)
-                    self.windows[camera].add(frame, ts)
+                self.engine.vision_step()
                 for e in self.nth:
                     if e.camera != camera or index % e.every_n_frames:
                         continue
@@ -389,7 +376,7 @@ class Replay:
                                 frame.seq if frame is not None else None)
                         if frame is None:
                             self.fail(a, f"frame {index} of camera '{camera}' was rejected: "
-                                         f"{self.rejected_at[(camera, index)]}", "ImageError",
+                                         f"{self.rejected_at[(camera, index)]}", "NO_FRAME",
                                       topic=topic, frame_index=index)
                         else:
                             self.answer(a)
@@ -399,15 +386,27 @@ class Replay:
         finally:
             bar.close()
 
+    def offer(self, camera: str, msgtype: str, msg, index: int):
+        """A bag message to the engine, as the node's image callbacks offer it; None if rejected."""
+        stamp = stamp_ns(msg.header.stamp)
+        try:
+            if msgtype == IMAGE:
+                return self.engine.offer_raw(camera, msg.header, stamp, raw_image(msg))
+            return self.engine.offer_compressed(camera, msg.header, stamp, msg.format, msg.data)
+        except ImageError as e:
+            self.rejected[camera].append(f"frame {index} at bag time {self.clock()}: {e}")
+            self.rejected_at[(camera, index)] = str(e)
+            return None
+
     # -------------------------------------------------------------- one question
     def _base_record(self, a: Ask) -> dict:
         return {"id": a.entry.id, "t": round((a.at_ns - self.start_ns) / NS, 9), "bag_time_ns": a.at_ns,
                 "camera": a.entry.camera, "topic": self.qf.cameras[a.entry.camera], "question": a.question,
                 "requested_stamp": _stamp_dict(a.stamp_ns)}
 
-    def _frame_fields(self, frame) -> dict:
-        info = self.info.get(frame.seq)
-        header = frame.header
+    def _frame_fields(self, r: Result) -> dict:
+        info = self.info.get(r.frame_seq)
+        header = r.header
         return {"frame_stamp": {"sec": int(header.stamp.sec), "nanosec": int(header.stamp.nanosec)},
                 "frame_id": str(header.frame_id),
                 "frame_index": info.index if info else None,
@@ -418,53 +417,53 @@ class Replay:
         self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.out.flush()
 
-    def fail(self, a: Ask, error: str, kind: str, frame=None, **extra) -> None:
+    def fail(self, a: Ask, error: str, status: str, result: Optional[Result] = None, **extra) -> None:
         rec = self._base_record(a)
-        if frame is not None:
-            rec.update(self._frame_fields(frame))
-            rec["frame_age_ms"] = round((a.at_ns - frame.stamp_ns) / 1e6, 3)
+        if result is not None and result.header is not None:
+            rec.update(self._frame_fields(result))
+            rec["frame_age_ms"] = round(result.frame_age_ms, 3)
         rec.update(extra)
-        rec.update({"error": error, "error_type": kind})
+        rec.update({"error": error, "error_type": status})
         self.emit(rec)
 
+    def request(self, a: Ask) -> Request:
+        p = self.params[a.entry.index]
+        return Request(a.question, camera=a.entry.camera, stamp_ns=a.stamp_ns, max_new_tokens=p.max_new_tokens,
+                       temperature=p.temperature, top_p=p.top_p, seed=-2 if p.seed is None else p.seed,
+                       kind="replay")
+
     def answer(self, a: Ask) -> None:
-        camera = a.entry.camera
-        frame = None
-        try:
-            self.model.prompt(a.question)      # special tokens in the question: RequestError, as the node
-            check_requested_stamp(a.stamp_ns, a.at_ns, self.max_age_s)
-            frame = select_frame(self.windows[camera].frames, camera, a.at_ns, self.max_age_s, a.stamp_ns)
-            t0 = time.perf_counter()
-            cached, encoded_now = self.store.encode_frame(self.model, frame)
-            gen = self.model.ask(a.question, cached.embedding, self.params[a.entry.index])
-            total_ms = (time.perf_counter() - t0) * 1e3
-        except MobileVLMError as e:
-            kind = type(e).__name__
-            self.fail(a, str(e), kind, frame)
+        self.clock.set(a.at_ns)
+        ticket = self.engine.submit(self.request(a))
+        self.engine.run_pending()
+        r = ticket.result(0)
+        if not r.success:
+            self.fail(a, r.error, r.status.name, r)
             return
-        self.encoded += int(encoded_now)
-        self.reused += int(not encoded_now)
-        vision_ms = cached.vision_ms if encoded_now else 0.0
+        computed = r.vision_ms > 0
+        self.encoded += int(computed)
+        self.reused += int(not computed)
         rec = self._base_record(a)
-        rec.update(self._frame_fields(frame))
+        rec.update(self._frame_fields(r))
         rec.update({
-            "frame_age_ms": round((a.at_ns - frame.stamp_ns) / 1e6, 3),
-            "answer": gen.text, "answer_ids": list(gen.ids), "finish_reason": gen.finish_reason,
-            "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "embedding_reused": not encoded_now,
-            "timings_ms": {"vision": round(vision_ms, 3), "prefill": round(gen.prefill_ms, 3),
-                           "decode": round(gen.decode_ms, 3), "first_token": round(gen.first_token_ms, 3),
-                           "total": round(total_ms, 3)},
+            "frame_age_ms": round(r.frame_age_ms, 3),
+            "answer": r.answer, "answer_ids": list(r.answer_ids), "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "embedding_reused": not computed,
+            "timings_ms": {"vision": round(r.vision_ms, 3), "prefill": round(r.prefill_ms, 3),
+                           "decode": round(r.decode_ms, 3), "first_token": round(r.first_token_ms, 3),
+                           "total": round(r.total_ms, 3)},
         })
         self.emit(rec)
         if self.answers_bag is not None:
-            h = cached.header
+            h = r.header
             msg = self.answers_bag.answer(
-                stamp_ns=_header_stamp_ns(h), frame_id=str(h.frame_id), camera=camera, question=a.question,
-                answer=gen.text, model_id=self.model.model_id, prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason,
-                vision_ms=vision_ms, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms, total_ms=total_ms,
-                answered_at_ns=a.at_ns)
+                stamp_ns=stamp_ns(h.stamp), frame_id=str(h.frame_id), camera=a.entry.camera, question=a.question,
+                answer=r.answer, model_id=self.model.model_id, prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens, finish_reason=r.finish_reason,
+                vision_ms=r.vision_ms, prefill_ms=r.prefill_ms, decode_ms=r.decode_ms,
+                first_token_ms=r.first_token_ms, total_ms=r.total_ms, answered_at_ns=a.at_ns,
+                status=int(r.status))
             self.answers_bag.write(ANSWERS_TOPIC, ANSWER, a.at_ns, msg)
 
     # -------------------------------------------------------------- summary
@@ -596,8 +595,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ap)
     add_generation_args(ap)
     ap.add_argument("--max-frame-age", type=float, default=None, metavar="S",
-                    help=f"frames older than S at question time are not used; 0 = no limit (default: the "
-                         f"questions file's max_frame_age_s, else {DEFAULT_MAX_FRAME_AGE_S:g} as the node)")
+                    help="frames older than S at question time are not used; 0 = no limit (default: the "
+                         "questions file's max_frame_age_s, else the parameters file's, else the node's "
+                         f"default: auto, which is {AUTO_AGE_MIN_S:g} s when encoding takes no time)")
+    ap.add_argument("--params", default=None, metavar="FILE",
+                    help="a node parameters file (config/mobilevlm.yaml style): the engine settings "
+                         "(vision_rate_hz, frame_cache_size, max_frame_age_s, ...) the node ran with")
+    ap.add_argument("--vision-rate-hz", type=float, default=None, metavar="HZ",
+                    help="frame batches the simulated vision worker caches per second of bag time "
+                         "(default: the parameters file's, else the node's default; 0 = every frame)")
+    ap.add_argument("--frame-cache-size", type=int, default=None, metavar="N",
+                    help="encoded frames kept per camera (default: as --vision-rate-hz)")
     ap.add_argument("--answers-bag", default=None, metavar="PATH",
                     help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC} into a new mcap bag")
     ap.add_argument("--expect", default=None, metavar="PREVIOUS.jsonl",
@@ -624,8 +632,9 @@ def main(argv=None) -> int:
         expected = read_jsonl(a.expect) if a.expect else None
         if a.max_frame_age is not None and not (math.isfinite(a.max_frame_age) and a.max_frame_age >= 0):
             raise QuestionsError(f"--max-frame-age must be >= 0, got {a.max_frame_age}")
-        max_age = a.max_frame_age if a.max_frame_age is not None else (
-            qf.max_frame_age_s if qf.max_frame_age_s is not None else DEFAULT_MAX_FRAME_AGE_S)
+        max_age = a.max_frame_age if a.max_frame_age is not None else qf.max_frame_age_s
+        config = engine_config(qf, a.params, max_frame_age_s=max_age, vision_rate_hz=a.vision_rate_hz,
+                               frame_cache_size=a.frame_cache_size)
         if a.answers_bag and Path(a.answers_bag).exists():
             raise BagError(f"{a.answers_bag}: exists already; choose a new path for the answers bag")
     except MobileVLMError as e:
@@ -633,7 +642,7 @@ def main(argv=None) -> int:
 
     with_bag = None
     try:
-        with open_bag(a.bag) as bag:
+        with BagReader(a.bag) as bag:
             _check_topics(bag, qf)
             try:
                 t0 = time.perf_counter()
@@ -648,7 +657,7 @@ def main(argv=None) -> int:
                     if a.answers_bag:
                         with_bag = BagWriter(a.answers_bag, "mcap", with_answer=True)
                         with_bag.__enter__()
-                    rp = Replay(bag, qf, model, base, max_age, out, with_bag,
+                    rp = Replay(bag, qf, model, base, config, out, with_bag,
                                 progress=False if a.no_progress else None)
                     error = None
                     try:
@@ -663,7 +672,8 @@ def main(argv=None) -> int:
                 "bag": str(a.bag), "storage": bag.storage, "questions_file": str(a.questions),
                 "out": str(out_path), "answers_bag": a.answers_bag,
                 "model": {"path": str(a.model), **model_desc},
-                "generation": dataclasses.asdict(rp.base), "max_frame_age_s": max_age,
+                "generation": dataclasses.asdict(rp.base), "engine": dataclasses.asdict(config),
+                "max_frame_age_s": rp.engine.max_frame_age_s(),
                 "bag_start_ns": rp.start_ns, "bag_end_ns": rp.end_ns,
                 **rp.summary(),
                 "load_ms": round(load_ms, 1), "wall_s": round(time.perf_counter() - t_start, 3),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .traffic import CameraStream, Flood, NodeUnderTest
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-v2-artifacts"
+DEFAULT_MODEL = Path("models/tiny-v2-artifacts")         # what scripts/setup.sh makes
 DEFAULT_CAMERAS = ["front:640x480@60", "rear:1920x1080@60"]
 
 

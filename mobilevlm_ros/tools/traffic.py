@@ -28,9 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_PARAMS = REPO / "config" / "mobilevlm.yaml"
-BUSY = "busy:"
+from ..resources import share_file
+
 
 
 def localhost_env(env: Optional[dict] = None) -> dict:
@@ -61,10 +60,11 @@ class NodeUnderTest:
     """A mobilevlm node in its own process, as a user starts it (config/mobilevlm.yaml + overrides)."""
 
     def __init__(self, model_path, cameras=("front",), name: str = "mobilevlm", params: Dict[str, str] = None,
-                 params_file=DEFAULT_PARAMS, env: Optional[dict] = None, log_path=None):
+                 params_file=None, env: Optional[dict] = None, log_path=None):
         self.name = name
         overrides = {"model_path": str(model_path), "cameras": "[" + ", ".join(cameras) + "]",
                      "diagnostics_period_s": "0.5", **(params or {})}
+        params_file = params_file or share_file("config", "mobilevlm.yaml")
         cmd = [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(params_file),
                "-r", f"__node:={name}"]
         for k, v in overrides.items():
@@ -73,7 +73,7 @@ class NodeUnderTest:
         self.lines: List[str] = []
         self._log = open(log_path, "w", encoding="utf-8") if log_path else None
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", env=localhost_env(env), cwd=REPO)
+                                     errors="replace", env=localhost_env(env))
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -145,6 +145,7 @@ class Outcome:
     error: str = ""
     vision_ms: float = 0.0   # > 0: the frame was encoded for this question (no encoded frame was fresh)
     tokens: int = 0
+    first_token_ms: float = float("nan")
 
 
 @dataclass
@@ -323,8 +324,9 @@ class Flood:
             latency = (time.monotonic() - sent_at) * 1e3
             if res.success:
                 out = Outcome(time.monotonic() - t0, "answered", latency, res.frame_age_ms,
-                              vision_ms=res.vision_ms, tokens=res.completion_tokens)
-            elif res.error.startswith(BUSY):
+                              vision_ms=res.vision_ms, tokens=res.completion_tokens,
+                              first_token_ms=res.first_token_ms)
+            elif res.status.code == res.status.BUSY:
                 out = Outcome(time.monotonic() - t0, "busy", latency, error=res.error)
             else:
                 out = Outcome(time.monotonic() - t0, "error", latency, error=res.error)

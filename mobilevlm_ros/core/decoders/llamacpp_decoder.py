@@ -263,17 +263,16 @@ class LlamaCppDecoder(Decoder):
 
     @classmethod
     def from_artifacts(cls, path, manifest: dict, tokenizer: Tokenizer, opts) -> "LlamaCppDecoder":
-        """The manifest's llm-<opts.quant>.gguf with opts.threads, gpu_layers, max_cached_frames;
-        opts.extra may set "n_ctx", "n_batch", "threads_batch", "extra_buffers" and "mmap"."""
+        """The manifest's llm-<opts.quant>.gguf with opts.threads, gpu_layers, max_cached_frames,
+        n_ctx and the typed opts.llamacpp (pipeline.LlamaCppOptions)."""
         from ..artifacts import artifact_path
         quant = str(opts.quant).lower()
         file = artifact_path(Path(path), manifest, "llm", quant)
-        extra = getattr(opts, "extra", None) or {}
-        dec = cls(file, tokenizer, quant=quant, threads=opts.threads,
-                  threads_batch=int(extra.get("threads_batch", 0) or 0), gpu_layers=opts.gpu_layers,
-                  max_cached_frames=opts.max_cached_frames, n_ctx=int(extra.get("n_ctx", 0) or 0),
-                  n_batch=int(extra.get("n_batch", DEFAULT_N_BATCH) or DEFAULT_N_BATCH),
-                  extra_buffers=extra.get("extra_buffers"), mmap=extra.get("mmap"))
+        lo = opts.llamacpp
+        dec = cls(file, tokenizer, quant=quant, threads=opts.threads, threads_batch=lo.threads_batch,
+                  gpu_layers=opts.gpu_layers, max_cached_frames=opts.max_cached_frames,
+                  n_ctx=opts.n_ctx or lo.n_ctx, n_batch=lo.n_batch or DEFAULT_N_BATCH,
+                  flash_attn=lo.flash_attn, extra_buffers=lo.extra_buffers, mmap=lo.mmap)
         hidden = manifest.get("hidden_size")
         if hidden is not None and int(hidden) != dec.n_embd:
             dec.close()

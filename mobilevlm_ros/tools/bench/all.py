@@ -33,7 +33,6 @@ from pathlib import Path
 from .common import finish_machine, fmt, machine_info, machine_line, median, save_figure
 
 SUBS = ("decoder", "vision", "question", "memory", "node")
-REPO = Path(__file__).resolve().parents[2]
 VISION_DTYPES = ("fp32", "fp16", "int8")
 QUANTS = ("q4_k_m", "q8_0", "f16")
 
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-bench all", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dims", default=None, help="comma-separated: 1.7b,3b (random-weight checkpoints, made once)")
     ap.add_argument("--model", action="append", default=[], help="checkpoint folder (repeatable)")
-    ap.add_argument("--models-root", default=str(REPO / "models"), help="where --dims checkpoints live")
+    ap.add_argument("--models-root", default="models", help="where --dims checkpoints live")
     ap.add_argument("--only", default=",".join(SUBS), help="sub-benchmarks to run, comma-separated")
     ap.add_argument("--budget-mb", type=float, default=5500.0, help="memory budget of the device (memory)")
     ap.add_argument("--quick", action="store_true", help="one repeat, short windows: checks the command only")

@@ -87,8 +87,6 @@ def run_worker(module: str, job: dict, timeout: float, env: Optional[dict] = Non
     """Run `python -m module --worker JOB RESULT` in a process of its own (so that its peak memory,
     its threads and its DDS configuration are its own) and return the JSON result it wrote."""
     env = dict(os.environ if env is None else env)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryDirectory(prefix="mobilevlm-bench-") as tmp:
         jf, rf = Path(tmp) / "job.json", Path(tmp) / "result.json"
         jf.write_text(json.dumps(job), encoding="utf-8")

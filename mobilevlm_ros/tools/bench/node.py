@@ -33,14 +33,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from ...resources import share_file
 from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, run_worker, stats,
                      worker_main, write_results)
 
 DEFAULT_STREAMS = ("front:640x480@30", "front:1920x1080@30")
-REPO = Path(__file__).resolve().parents[2]
 # DDS configurations of the publishing (bench) process and the node: Fast DDS's defaults, and the
 # profile this package ships for raw frames larger than a default shared-memory segment
-DDS_PROFILES = {"default": "", "shm": str(REPO / "config" / "fastdds_large_frames.xml")}
+DDS_PROFILES = {"default": "", "shm": str(share_file("config", "fastdds_large_frames.xml"))}
 
 
 @contextlib.contextmanager
