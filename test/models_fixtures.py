@@ -32,3 +32,12 @@ def synthetic_frame(h, w, seed=0):
 
 
 FRAMES = {"wide": (360, 640), "tall": (500, 300), "square": (256, 256)}
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_artifacts(tiny_v2, tmp_path_factory):
+    """tiny_v2 exported as the product runs it: ONNX vision graphs (fp32, int8) + GGUF decoders."""
+    from mobilevlm_ros.tools.export import export
+    out = tmp_path_factory.mktemp("models") / "tiny-v2-artifacts"
+    export(tiny_v2, out, ["fp32", "int8"], ["f16", "q8_0", "q4_k_m"], quiet=True)
+    return out
