@@ -2,7 +2,8 @@
 it gets. docs/reliability.md documents every message here (test_reliability checks that it does).
 
 FRAMES: (case id, topic, fields, expected error). topic "raw" is sensor_msgs/Image: fields override
-those of a valid 160x120 rgb8 frame (`pixels` replaces the pixels first). topic "compressed" is
+those of a valid 160x120 rgb8 frame (`pixels` replaces the pixels first: height and width from its
+shape, step = width x channels x bytes per sample). topic "compressed" is
 sensor_msgs/CompressedImage: fields are format and data.
 REQUESTS: (case id, request fields, expected error); `stamp_offset_s` becomes a stamp relative to now.
 """
@@ -35,22 +36,53 @@ PNG16 = _encode(np.full((8, 8), 40000, np.uint16), "PNG")
 _IHDR = b"IHDR" + (100000).to_bytes(4, "big") * 2 + PNG[24:29]
 PNG_HUGE = PNG[:12] + _IHDR + zlib.crc32(_IHDR).to_bytes(4, "big") + PNG[33:]
 
+
+def _jpeg_frame_header(precision=8, height=H):
+    """JPEG with its frame header (SOF0) patched: sample precision and number of rows."""
+    sof = JPEG.index(b"\xff\xc0")
+    return JPEG[:sof + 4] + bytes([precision]) + height.to_bytes(2, "big") + JPEG[sof + 7:]
+
+
+JPEG_12BIT = _jpeg_frame_header(precision=12)
+JPEG_TALL = _jpeg_frame_header(height=30000)
+U16 = np.zeros((H, W), np.uint16)
+
 FRAMES = [
     # encodings
     ("empty encoding", "raw", dict(encoding=""), "unsupported encoding '': empty encoding"),
-    ("mono16", "raw", dict(pixels=np.zeros((H, W), np.uint16), encoding="mono16"),
-     "unsupported encoding 'mono16': 16-bit, 32-bit and float images"),
-    ("16UC1 depth", "raw", dict(pixels=np.zeros((H, W), np.uint16), encoding="16UC1"),
-     "unsupported encoding '16UC1': 16-bit, 32-bit and float images"),
+    ("16UC1 depth", "raw", dict(pixels=U16, encoding="16UC1"),
+     "unsupported encoding '16UC1': depth and float images"),
     ("32FC1 depth", "raw", dict(pixels=np.zeros((H, W), np.float32), encoding="32FC1"),
-     "unsupported encoding '32FC1': 16-bit, 32-bit and float images"),
-    ("bayer_rggb8", "raw", dict(pixels=GOOD[:, :, 0], encoding="bayer_rggb8"),
-     "Bayer images must be debayered first"),
-    ("bayer_grbg16", "raw", dict(pixels=np.zeros((H, W), np.uint16), encoding="bayer_grbg16"),
-     "unsupported encoding 'bayer_grbg16': 16-bit"),
-    ("yuv422", "raw", dict(encoding="yuv422"), "YUV images must be converted to rgb8 first"),
+     "unsupported encoding '32FC1': depth and float images"),
     ("8UC3", "raw", dict(encoding="8UC3"), "the channel order of generic 8UCn images is unknown"),
+    ("bayer_rggb12", "raw", dict(pixels=U16, encoding="bayer_rggb12"),
+     "unsupported encoding 'bayer_rggb12': not one of the Bayer encodings"),
+    ("nv12", "raw", dict(pixels=np.zeros((H * 3 // 2, W), np.uint8), encoding="nv12", height=H),
+     "unsupported encoding 'nv12': this YUV layout is not converted"),
     ("unknown encoding", "raw", dict(encoding="jpeg"), "unsupported encoding 'jpeg': unknown encoding"),
+    # 16-bit, Bayer and YUV frames that do not add up
+    ("mono16 with 8-bit rows", "raw", dict(pixels=GOOD[:, :, 0], encoding="mono16"),
+     f"step {W} is smaller than a row: width {W} x 2 bytes per pixel (mono16) = {2 * W}"),
+    ("rgb16 with rgb8 data", "raw", dict(encoding="rgb16", step=2 * ROW),
+     f"truncated image: data has {ROW * H} bytes, expected step x height = {2 * ROW} x {H} = {2 * ROW * H}"),
+    ("mono16 odd step", "raw", dict(pixels=U16, encoding="mono16", step=2 * W + 1, data=bytes((2 * W + 1) * H)),
+     f"step {2 * W + 1} is odd: rows of 16-bit samples (mono16) must start on a 2-byte boundary"),
+    ("bayer_grbg16 with 8-bit rows", "raw", dict(pixels=GOOD[:, :, 0], encoding="bayer_grbg16"),
+     f"step {W} is smaller than a row: width {W} x 2 bytes per pixel (bayer_grbg16) = {2 * W}"),
+    ("bayer_rggb8 two rows", "raw", dict(pixels=GOOD[:2, :, 0], encoding="bayer_rggb8"),
+     f"bayer_rggb8 needs at least 3x3 pixels to demosaic, got {W}x2"),
+    ("yuv422_yuy2 odd width", "raw", dict(pixels=np.zeros((H, W - 1, 2), np.uint8), encoding="yuv422_yuy2"),
+     f"yuv422_yuy2 needs an even width (two pixels share one U and one V sample), got width {W - 1}"),
+    ("yuv422_yuy2 step of a mono row", "raw", dict(pixels=GOOD[:, :, 0], encoding="yuv422_yuy2"),
+     f"step {W} is smaller than a row: width {W} x 2 bytes per pixel (yuv422_yuy2) = {2 * W}"),
+    ("yuv422 odd width", "raw", dict(pixels=np.zeros((H, W + 1, 2), np.uint8), encoding="yuv422"),
+     "yuv422 needs an even width"),
+    ("nv21 odd height", "raw", dict(pixels=np.zeros((H * 3 // 2, W), np.uint8), encoding="nv21", height=H - 1),
+     f"nv21 needs an even width and height (2x2 pixels share one V and one U sample), got {W}x{H - 1}"),
+    ("nv21 without its chroma plane", "raw", dict(pixels=GOOD[:, :, 0], encoding="nv21"),
+     f"truncated image: data has {W * H} bytes, expected step x height x 3/2 = {W} x {H} x 3/2 = {W * H * 3 // 2}"),
+    ("nv24 with nv21 data", "raw", dict(pixels=np.zeros((H * 3 // 2, W), np.uint8), encoding="nv24", height=H),
+     f"truncated image: data has {W * H * 3 // 2} bytes, expected step x height x 3 = {W} x {H} x 3 = {W * H * 3}"),
     # dimensions, step and size
     ("zero width", "raw", dict(width=0), "image has zero size: width 0, height 120"),
     ("zero height", "raw", dict(height=0), "image has zero size: width 160, height 0"),
@@ -79,8 +111,12 @@ FRAMES = [
     ("PNG magic only", "compressed", dict(format="png", data=PNG[:8]), "cannot decode png image"),
     ("truncated PNG", "compressed", dict(format="png", data=PNG[:len(PNG) // 2]), "cannot decode png image"),
     ("16-bit PNG", "compressed", dict(format="png", data=PNG16),
-     "png image has pixel mode I;16"),
+     "png image has 16 bits per sample: 16-bit and float images are not supported"),
     ("PNG claiming 100000x100000", "compressed", dict(format="png", data=PNG_HUGE), "png image is too large"),
+    ("12-bit JPEG", "compressed", dict(format="jpeg", data=JPEG_12BIT),
+     "jpeg image has 12 bits per sample: only 8-bit images are supported"),
+    ("JPEG claiming 30000 rows", "compressed", dict(format="jpeg", data=JPEG_TALL),
+     f"jpeg image is too large: {W}x30000"),
 ]
 
 MAX_QUESTION_CHARS = 200
