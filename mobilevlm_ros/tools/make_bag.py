@@ -1,7 +1,7 @@
 """mobilevlm-make-bag: write a rosbag2 bag of synthetic camera frames (deterministic moving shapes).
 
     mobilevlm-make-bag OUT [--storage sqlite3|mcap] [--seconds S] [--rate HZ] [--cameras front,rear]
-                       [--compressed [jpeg|png]] [--encoding rgb8|bgr8|rgba8|bgra8|mono8]
+                       [--compressed [jpeg|png]] [--encoding rgb8|bayer_rggb8|yuv422_yuy2|mono16|...]
                        [--size 640x480] [--start SEC] [--latency-ms MS]
 
 One topic per camera: /<camera>/image_raw (sensor_msgs/msg/Image) or, with --compressed,
@@ -10,10 +10,17 @@ or "rgb8; png compressed rgb8"). Frame k of camera i has header.stamp = start + 
 cameras) (the cameras interleave) and is recorded latency-ms later (the bag time). Frames show a
 per-camera gradient, a moving disc, a bouncing square and the frame number as a 16-bit bar code on the
 top rows. Same arguments, same bytes. Errors: exit code 2 with the reason.
+
+--encoding is any raw encoding the node converts (mobilevlm_ros.engine.images.ENCODINGS): the RGB
+frame is rendered into it as a camera would send it: 16-bit samples x 257 (little-endian), Bayer as
+the mosaic of the named pattern, YUV with OpenCV's BT.601 video-range conversion (4:2:2 for
+yuv422/uyvy and yuv422_yuy2/yuyv, 4:2:0 for nv21, 4:4:4 for nv24), mono as OpenCV's luma. YUV 4:2:2
+needs an even width, nv21 an even width and height, Bayer at least 3x3 pixels.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import sys
@@ -23,11 +30,12 @@ from typing import Optional
 import numpy as np
 
 from .bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
-from ..core.errors import MobileVLMError
+from ..core.errors import ImageError, MobileVLMError
+from ..engine import images
 
 NS = 1_000_000_000
 DEFAULT_START_S = 1_700_000_000.0      # a fixed, plausible wall-clock time: same args, same bag
-ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+ENCODINGS = tuple(images.ENCODINGS)   # every raw encoding the node converts
 PROGRESS_MIN_FRAMES = 200              # a progress bar from this many frames on (on a terminal)
 BAR_BITS = 16
 _PALETTE = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 200, 30), (200, 60, 220), (30, 210, 210)]
@@ -69,16 +77,56 @@ def render_frame(camera_index: int, k: int, rate: float, width: int, height: int
     return img
 
 
-def _encode_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
-    if encoding == "rgb8":
-        return rgb
-    if encoding == "bgr8":
-        return rgb[:, :, ::-1]
-    if encoding in ("rgba8", "bgra8"):
-        c = rgb if encoding == "rgba8" else rgb[:, :, ::-1]
-        return np.concatenate([c, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
-    from PIL import Image       # mono8: ITU-R 601 luma
-    return np.asarray(Image.fromarray(rgb).convert("L"))
+def _samples(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    """The 8-bit samples of a packed or Bayer encoding: HxW or HxWxC."""
+    import cv2
+    base = encoding.rstrip("0123456789")
+    if base.startswith("bayer_"):           # the pattern names the top-left 2x2 block, row by row
+        mosaic = np.empty(rgb.shape[:2], np.uint8)
+        for i, colour in enumerate(base[len("bayer_"):]):
+            mosaic[i // 2::2, i % 2::2] = rgb[i // 2::2, i % 2::2, "rgb".index(colour)]
+        return mosaic
+    if base == "mono":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)          # what cv_bridge's rgb8 -> mono8 does
+    colour = rgb[:, :, ::-1] if base.startswith("bgr") else rgb
+    if base.endswith("a"):
+        return np.concatenate([colour, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    return colour
+
+
+def _yuv(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    """The bytes of a YUV encoding as rows of the Y plane's width: HxWx2 (4:2:2), (3/2 H)xW (nv21)
+    or (3 H)xW (nv24)."""
+    import cv2
+    h, w = rgb.shape[:2]
+    layout = images.ENCODINGS[encoding].layout
+    if layout == "yuv422":
+        uyvy = images.ENCODINGS[encoding].code == cv2.COLOR_YUV2RGB_UYVY
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY if uyvy else cv2.COLOR_RGB2YUV_YUY2)
+    if layout == "nv21":
+        yv12 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_YV12)      # Y plane, V plane, U plane
+        v, u = yv12[h:].reshape(2, h // 2, w // 2)
+        return np.concatenate([yv12[:h], np.stack([v, u], axis=-1).reshape(h // 2, w)])
+    # nv24: each pixel twice, as UYVY, keeps its own U and V (both pixels of a pair are the same)
+    pairs = cv2.cvtColor(np.repeat(rgb, 2, axis=1), cv2.COLOR_RGB2YUV_UYVY)
+    uv = np.stack([pairs[:, 0::2, 0], pairs[:, 1::2, 0]], axis=-1).reshape(h, 2 * w)
+    return np.concatenate([pairs[:, 0::2, 1], uv.reshape(2 * h, w)])
+
+
+def render_raw(rgb: np.ndarray, encoding: str) -> images.RawImage:
+    """An RGB frame in a raw encoding, as a camera driver would publish it (rows packed)."""
+    h, w = rgb.shape[:2]
+    spec = images.ENCODINGS[encoding]
+    if spec.layout in ("yuv422", "nv21", "nv24"):
+        images.check_geometry(encoding, w, h)         # OpenCV's YUV codes need it too
+        data = _yuv(rgb, encoding)
+    else:
+        data = _samples(rgb, encoding)
+        if spec.bits == 16:                 # cv_bridge's 8 -> 16 bits: x 65535/255
+            data = (data.astype(np.uint16) * 257).astype("<u2").view(np.uint8)
+    data = np.ascontiguousarray(data).reshape(-1)
+    step = w * spec.bytes_per_pixel
+    return images.RawImage(encoding=encoding, width=w, height=h, step=step, is_bigendian=0, data=data)
 
 
 def compress(rgb: np.ndarray, kind: str, quality: int = 90) -> tuple:
@@ -123,6 +171,11 @@ def make_bag(out, *, storage: str = "mcap", seconds: float = 5.0, rate: float = 
         raise BagError(f"--size must be within 1x1..8192x8192, got {width}x{height}")
     if encoding not in ENCODINGS:
         raise BagError(f"unknown encoding '{encoding}' (choose from {', '.join(ENCODINGS)})")
+    if compressed is None:
+        try:
+            images.check_raw(render_raw(np.zeros((height, width, 3), np.uint8), encoding))
+        except ImageError as e:
+            raise BagError(f"--size {width}x{height} does not fit --encoding {encoding}: {e}") from None
     if compressed not in (None, "jpeg", "png"):
         raise BagError(f"unknown compression '{compressed}' (choose jpeg or png)")
     if latency_ms < 0:
@@ -146,7 +199,10 @@ def make_bag(out, *, storage: str = "mcap", seconds: float = 5.0, rate: float = 
                 msg = bag.compressed(stamp, frame_id_for(cam), data, fmt)
                 bag.write(topics[cam], COMPRESSED, bag_ns, msg)
             else:
-                msg = bag.image(stamp, frame_id_for(cam), _encode_pixels(rgb, encoding), encoding)
+                raw = render_raw(rgb, encoding)
+                msg = bag.image(stamp, frame_id_for(cam), raw.data.reshape(-1, raw.step), encoding)
+                # written as rows of step bytes: the fields of the frame itself
+                msg = dataclasses.replace(msg, width=raw.width, height=raw.height)
                 bag.write(topics[cam], IMAGE, bag_ns, msg)
             written[topics[cam]].append((bag_ns, stamp, k))
     return {"path": str(out), "storage": storage, "topics": topics, "frames": written,
@@ -173,7 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compressed", nargs="?", const="jpeg", choices=("jpeg", "png"), default=None,
                     help="write sensor_msgs/CompressedImage (default jpeg)")
     ap.add_argument("--jpeg-quality", type=int, default=90)
-    ap.add_argument("--encoding", choices=ENCODINGS, default="rgb8", help="raw image encoding")
+    ap.add_argument("--encoding", choices=ENCODINGS, default="rgb8", metavar="ENCODING",
+                    help="raw image encoding: " + ", ".join(ENCODINGS))
     ap.add_argument("--size", type=_size, default=(640, 480), help="WIDTHxHEIGHT")
     ap.add_argument("--start", type=float, default=DEFAULT_START_S, help="stamp of the first frame, s")
     ap.add_argument("--latency-ms", type=float, default=0.0, help="bag time minus header stamp")
