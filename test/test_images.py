@@ -617,3 +617,15 @@ def test_corpus_frames_get_their_documented_error_without_a_node(case):
             check_raw(raw_image(m))
     assert expected in str(e.value)
 
+
+def test_bench_images_writes_its_tables(tmp_path):
+    """The benchmark command runs end to end (tiny frames, one repeat: no timing is judged)."""
+    import json
+    from mobilevlm_ros.tools.bench import SUBCOMMANDS, main
+    assert SUBCOMMANDS["images"] == "mobilevlm_ros.tools.bench.images"
+    assert main(["images", "--sizes", "16x12", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "images.json").read_text())
+    assert {r["encoding"] for r in result["raw"]} == set(ENCODINGS) - {"uyvy", "yuyv"}
+    assert [r["format"] for r in result["compressed"]] == ["jpeg", "png"]
+    assert "| bayer_rggb16 |" in (tmp_path / "images.md").read_text() and (tmp_path / "images.png").is_file()
+    assert main(["images", "--sizes", "15x12", "--encodings", "yuyv", "--out", str(tmp_path / "odd")]) == 2

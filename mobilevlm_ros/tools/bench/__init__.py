@@ -12,6 +12,8 @@
     mobilevlm-bench node     --model ART ...        camera streams into the node while it answers:
                                                     callback CPU, frames received/encoded, frame age
     mobilevlm-bench bandwidth [--gguf FILE]         memory bandwidth and the decode ceiling it allows
+    mobilevlm-bench images   [--sizes 640x480,...]  camera frame to RGB per raw encoding (Bayer, YUV,
+                                                    16-bit ...), JPEG/PNG decoding OpenCV vs Pillow
 
 Each writes NAME.json, NAME.md and NAME.png into --out. Benchmarks are never part of the test suite;
 run them on an otherwise idle machine.
@@ -24,6 +26,7 @@ import sys
 SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilevlm_ros.tools.bench.decoder",
                "question": "mobilevlm_ros.tools.bench.question", "memory": "mobilevlm_ros.tools.bench.memory",
                "node": "mobilevlm_ros.tools.bench.node", "bandwidth": "mobilevlm_ros.tools.bench.bandwidth",
+               "images": "mobilevlm_ros.tools.bench.images",
                "all": "mobilevlm_ros.tools.bench.all"}
 
 
