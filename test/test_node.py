@@ -1,7 +1,11 @@
-"""The node over real DDS: started once for this module as its own process, exactly as a user runs it
-(`python -m mobilevlm_ros.ros.node --ros-args --params-file config/mobilevlm.yaml -p ...`), driven
-from this process with rclpy: frames on topics, questions through the service and the action,
-parameters and lifecycle through the standard services. conftest.py gives the session its own
+"""The node, the ROS adapter over the engine, over real DDS: started as its own process exactly as a
+user runs it (`python -m mobilevlm_ros.ros.node --ros-args --params-file config/mobilevlm.yaml -p ...`),
+driven from this process with rclpy: frames on topics, questions through the service and the action,
+parameters and lifecycle through the standard services. The engine's behaviour (validation, queue,
+frame policy, prefill, cancellation) is tested in-process in test_engine.py; these tests check what
+the adapter adds. One node serves the tests that leave it as they found it; each of them starts
+from a known state (active, nothing queued, nothing in progress: the `client` fixture checks);
+tests that stop or reconfigure a node start their own. conftest.py gives the session its own
 ROS_DOMAIN_ID and localhost-only discovery.
 """
 import io
@@ -21,7 +25,6 @@ import pytest
 from conftest import skip_reason_if_missing
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = REPO / "models" / "tiny-v2"
 PARAMS = REPO / "config" / "mobilevlm.yaml"
 NODE = "/mobilevlm"
 MAX_QUESTION_CHARS = 200
@@ -30,8 +33,6 @@ pytestmark = pytest.mark.ros
 _reason = skip_reason_if_missing("rclpy") or skip_reason_if_missing("mobilevlm_ros.srv")
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
-if not (MODEL / "config.json").is_file():
-    pytest.skip(f"needs the tiny model at {MODEL}", allow_module_level=True)
 
 import rclpy  # noqa: E402
 from action_msgs.msg import GoalStatus  # noqa: E402
@@ -43,12 +44,13 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from ros_helpers import (QUESTION, TOKENS, Client, NodeProcess, stamp_of, synthetic,  # noqa: E402
                          wait_for, wait_future)
 
+from mobilevlm_ros.msg import Status  # noqa: E402
 from mobilevlm_ros.srv import Ask as AskService  # noqa: E402
 
 
-def node_command(*extra):
+def node_command(model, *extra):
     return [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(PARAMS),
-            "-p", f"model_path:={MODEL}", *extra]
+            "-p", f"model_path:={model}", *extra]
 
 
 def test_params_file_matches_the_parameter_table():
@@ -76,9 +78,9 @@ def frame_png(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(frame_png):
+def reference(frame_png, tiny_v2):
     """What `mobilevlm-ask --json` answers for the frame (run while the node starts)."""
-    cmd = [sys.executable, "-m", "mobilevlm_ros.tools.ask", "--model", str(MODEL), "--image", str(frame_png),
+    cmd = [sys.executable, "-m", "mobilevlm_ros.tools.ask", "--model", str(tiny_v2), "--image", str(frame_png),
            "--question", QUESTION, "--max-new-tokens", str(TOKENS), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
@@ -90,8 +92,8 @@ def reference(frame_png):
 
 
 @pytest.fixture(scope="module")
-def node(reference):
-    proc = NodeProcess(node_command(
+def node(reference, tiny_v2):
+    proc = NodeProcess(node_command(tiny_v2,
         "-p", "cameras:=[front, rear, left]", "-p", "max_queue:=2", "-p", "vision_rate_hz:=0.0",
         "-p", "diagnostics_period_s:=0.2", "-p", "max_frame_age_s:=20.0",
         "-p", f"max_question_chars:={MAX_QUESTION_CHARS}", "-p", "threads:=1"))
@@ -102,7 +104,7 @@ def node(reference):
 
 
 @pytest.fixture(scope="module")
-def client(node, rclpy_context):
+def shared_client(node, rclpy_context):
     c = Client(rclpy_context)
     ok = c.ask_client.wait_for_service(timeout_sec=120)
     assert ok, f"{NODE}/ask never appeared; node log:\n{node.log()}"
@@ -111,6 +113,22 @@ def client(node, rclpy_context):
         c.publisher(cam, compressed)        # matched both ways before any test counts frames
     yield c
     c.close()
+
+
+def idle(c):
+    req = c.diag.get("requests", {})
+    return c.diag.get("model", {}).get("state") == "active" and req.get("queue_depth") == "0" \
+        and req.get("in_progress") == "0"
+
+
+@pytest.fixture
+def client(shared_client, node):
+    """The shared node in a known state: active, nothing waiting or in progress (a test that left
+    it otherwise fails here, naming the state, instead of breaking the next test)."""
+    assert node.proc.poll() is None, node.log()
+    assert wait_for(lambda: idle(shared_client), 30), shared_client.diag
+    yield shared_client
+    assert wait_for(lambda: idle(shared_client), 30), f"the test left the node busy: {shared_client.diag}"
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -271,9 +289,9 @@ def test_bad_frames_are_rejected_and_the_node_keeps_answering(client):
     rejected0 = client.counter("front", "frames_rejected")
     good = synthetic()
     bad = [
-        (lambda: client.publish("front", np.zeros((4, 4), np.uint16), encoding="mono16"),
-         "unsupported encoding 'mono16'"),
-        (lambda: client.publish("front", good, encoding="yuv422"), "unsupported encoding 'yuv422'"),
+        (lambda: client.publish("front", np.zeros((4, 4), np.float32), encoding="32FC1"),
+         "unsupported encoding '32FC1'"),
+        (lambda: client.publish("front", good, encoding="8UC3"), "unsupported encoding '8UC3'"),
         (lambda: client.publish("front", good, step=10), "step 10 is smaller than a row"),
         (lambda: client.publish("front", good, data=good.tobytes()[:-100]), "truncated image"),
         (lambda: client.publish_compressed("front", b"\xff\xd8\xff\xe0" + b"\0" * 64, "jpeg"),
@@ -358,14 +376,14 @@ def test_busy_when_the_queue_is_full_and_every_request_gets_one_answer(client):
     assert wait_for(lambda: first, 60)                                # generating: the queue is empty
     handles += [client.goal(max_new_tokens=300) for _ in range(4)]   # 2 wait (max_queue), 2 are busy
     results = [handle.get_result_async() for handle in handles]
-    busy = wait_for(lambda: [r for r in results if r.done() and r.result().result.error.startswith("busy:")], 20)
+    busy = wait_for(lambda: [r for r in results if r.done() and r.result().result.status.code == Status.BUSY], 20)
     assert len(busy) == 2, [r.result().result.error for r in results if r.done()]
     assert "max_queue 2" in busy[0].result().result.error
     for handle in handles:
         handle.cancel_goal_async()
     finals = [wait_future(r, 60).result for r in results]
-    assert sum(r.error.startswith("busy:") for r in finals) == 2
-    assert sum(r.finish_reason == "cancelled" for r in finals) == 3
+    assert sum(r.status.code == Status.BUSY for r in finals) == 2
+    assert sum(r.status.code == Status.CANCELLED and r.finish_reason == "cancelled" for r in finals) == 3
     assert client.ask().success                      # and it still answers
 
 
@@ -415,7 +433,27 @@ def test_ask_client_command(client):
     assert out.returncode == 1 and "unknown camera 'nope'" in out.stdout
 
 
-def test_deactivate_and_activate(client):
+@pytest.fixture
+def own_node(tiny_v2, rclpy_context):
+    """A node of this test's own (it will be stopped or reconfigured), with its client."""
+    ns = f"/mobilevlm_own_{os.getpid()}"
+    proc = NodeProcess(node_command(tiny_v2, "-r", f"__node:={ns.strip('/')}", "-p", "vision_rate_hz:=0.0",
+                                    "-p", "diagnostics_period_s:=0.2", "-p", "threads:=1",
+                                    "-p", "max_frame_age_s:=20.0"))
+    c = Client(rclpy_context, ns=ns, name="own_node_client")
+    assert c.ask_client.wait_for_service(timeout_sec=120), proc.log()
+    assert wait_for(lambda: c.camera("front"), 10), "no diagnostics from the node"
+    c.publisher("front")
+    yield proc, c
+    c.close()
+    if proc.proc.poll() is None:
+        proc.proc.kill()
+        proc.proc.wait()
+
+
+def test_deactivate_and_activate(own_node):
+    _, client = own_node
+    client.publish_and_wait_encoded("front", synthetic())
     assert client.state() == "active"
     assert client.transition(Transition.TRANSITION_DEACTIVATE)
     assert client.state() == "inactive"
@@ -427,9 +465,65 @@ def test_deactivate_and_activate(client):
     assert client.ask().success
 
 
-def test_sigint_shuts_the_node_down_cleanly(client, node):
+def test_sigint_shuts_the_node_down_cleanly(own_node):
+    node, client = own_node
+    client.publish_and_wait_encoded("front", synthetic())
+    handle = client.goal(max_new_tokens=1500)
+    wrapped = handle.get_result_async()
+    time.sleep(0.3)
     node.proc.send_signal(signal.SIGINT)
     assert node.proc.wait(30) == 0, node.log()
+    if wrapped.done():                     # answered before the signal, or cancelled by the shutdown
+        assert wrapped.result().result.status.code in (Status.OK, Status.CANCELLED)
+
+
+def test_status_codes_reach_the_client(client):
+    """The status travels with the response: clients branch on it, never on the error text."""
+    client.publish_and_wait_encoded("front", synthetic())
+    assert client.ask().status.code == Status.OK
+    assert client.ask(question="").status.code == Status.INVALID_REQUEST
+    assert client.ask(camera="left").status.code == Status.NO_FRAME
+    assert client.ask(max_frame_age_ms=-1.0, camera="front").status.code == Status.OK
+    answer = client.answers[-1] if wait_for(lambda: client.answers, 5) else None
+    assert answer is not None and answer.status.code == Status.OK and answer.first_token_ms > 0
+
+
+def test_waiting_requests_hold_no_executor_thread(tiny_v2, rclpy_context):
+    """Service callbacks await the engine: with 12 long requests waiting, the node answers its
+    parameter service at once and has no more threads than before they arrived."""
+    ns = f"/mobilevlm_async_{os.getpid()}"
+    proc = NodeProcess(node_command(tiny_v2, "-r", f"__node:={ns.strip('/')}", "-p", "vision_rate_hz:=0.0",
+                                    "-p", "max_queue:=16", "-p", "threads:=1", "-p", "max_frame_age_s:=0.0",
+                                    "-p", "diagnostics_period_s:=0.2"))
+    c = Client(rclpy_context, ns=ns, name="async_client")
+    try:
+        assert c.ask_client.wait_for_service(timeout_sec=120), proc.log()
+        c.publish_and_wait_encoded("front", synthetic())
+        threads0 = proc_threads(proc)
+        futures = []
+        for _ in range(12):
+            req = AskService.Request(question=QUESTION, max_new_tokens=1000, temperature=0.0)
+            futures.append(c.ask_client.call_async(req))
+        assert wait_for(lambda: int(c.diag.get("requests", {}).get("queue_depth", 0)) >= 8, 20), c.diag
+        t0 = time.monotonic()
+        assert c.set_param("max_new_tokens", 64).successful
+        assert time.monotonic() - t0 < 2.0
+        assert proc_threads(proc) <= threads0 + 1, (threads0, proc_threads(proc))
+        assert c.transition(Transition.TRANSITION_DEACTIVATE)          # answers every waiting request
+        results = [wait_future(f, 60) for f in futures]
+        assert all(r.status.code in (Status.OK, Status.CANCELLED, Status.UNAVAILABLE) for r in results)
+        assert sum(r.status.code == Status.UNAVAILABLE for r in results) >= 8
+    finally:
+        c.close()
+        proc.proc.kill()
+        proc.proc.wait()
+
+
+def proc_threads(proc) -> int:
+    for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return -1
 
 
 def test_configure_failure_exits_non_zero_naming_the_file():
@@ -451,21 +545,21 @@ def test_invalid_parameters_exit_non_zero():
 
 
 @pytest.mark.slow
-def test_demo(tmp_path):
+def test_demo(tmp_path, tiny_v2_artifacts):
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.demo", "--max-new-tokens", "4", "--quiet",
-                           "--namespace", f"/demo_{os.getpid()}"],
+                           "--namespace", f"/demo_{os.getpid()}", "--model", str(tiny_v2_artifacts)],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "frame stamp" in proc.stdout and "sample frames published" in proc.stdout
     assert "node stopped cleanly" in proc.stderr
 
 
-def test_manual_lifecycle_without_autostart(rclpy_context):
+def test_manual_lifecycle_without_autostart(rclpy_context, tiny_v2):
     """autostart false: the node waits unconfigured; configure, activate, deactivate, clean up and
     shut down through the standard lifecycle services; the shutdown transition ends the process."""
     name = "/mobilevlm_lc"
-    proc = NodeProcess(node_command("-p", "autostart:=false", "-p", "model_path:=/not/yet",
+    proc = NodeProcess(node_command("/not/yet", "-p", "autostart:=false",
                                     "-r", "__node:=mobilevlm_lc"))
     node = rclpy.create_node("mobilevlm_lc_client", context=rclpy_context)
     executor = MultiThreadedExecutor(context=rclpy_context)
@@ -495,7 +589,7 @@ def test_manual_lifecycle_without_autostart(rclpy_context):
         assert not transition(Transition.TRANSITION_CONFIGURE)          # /not/yet: the load fails
         assert state() == "unconfigured"
         assert any("/not/yet" in line for line in proc.lines)
-        assert set_model(str(MODEL)).successful                          # allowed while unconfigured
+        assert set_model(str(tiny_v2)).successful                          # allowed while unconfigured
         assert transition(Transition.TRANSITION_CONFIGURE)
         assert state() == "inactive"
         assert not set_model("/elsewhere").successful
