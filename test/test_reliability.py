@@ -18,8 +18,6 @@ import pytest
 from conftest import skip_reason_if_missing
 
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "models" / "tiny-v2-artifacts"
-CHECKPOINT = REPO / "models" / "tiny-v2"
 PARAMS = REPO / "config" / "mobilevlm.yaml"
 DOC = REPO / "docs" / "reliability.md"
 NAME = "mobilevlm_rel"
@@ -28,8 +26,6 @@ pytestmark = pytest.mark.ros
 _reason = skip_reason_if_missing("rclpy") or skip_reason_if_missing("mobilevlm_ros.srv")
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
-if not (ARTIFACTS / "manifest.json").is_file():
-    pytest.skip(f"needs the exported tiny model at {ARTIFACTS} (scripts/setup.sh makes it)", allow_module_level=True)
 
 from action_msgs.msg import GoalStatus  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
@@ -44,15 +40,15 @@ from mobilevlm_ros.tools.traffic import CameraStream, Flood, NodeUnderTest  # no
 CAMERAS = ["front", "rear", "quiet"]
 
 
-def start_node(name=NAME, **params):
+def start_node(artifacts, name=NAME, **params):
     base = {"max_frame_age_s": "600.0", "vision_rate_hz": "0.0", "diagnostics_period_s": "0.2",
             "max_question_chars": str(MAX_QUESTION_CHARS), "max_queue": "4"}
-    return NodeUnderTest(ARTIFACTS, CAMERAS, name=name, params={**base, **params})
+    return NodeUnderTest(artifacts, CAMERAS, name=name, params={**base, **params})
 
 
 @pytest.fixture(scope="module")
-def node():
-    n = start_node()
+def node(tiny_v2_artifacts):
+    n = start_node(tiny_v2_artifacts)
     yield n
     if n.proc.poll() is None:
         n.stop()
@@ -197,27 +193,27 @@ def _set_config(d, **kw):
 
 
 FAULTS = [
-    ("checkpoint without config.json", CHECKPOINT, lambda d: (d / "config.json").unlink(), "config.json"),
-    ("checkpoint with truncated weights", CHECKPOINT, lambda d: _truncate(d / "pytorch_model.bin"),
+    ("checkpoint without config.json", "checkpoint", lambda d: (d / "config.json").unlink(), "config.json"),
+    ("checkpoint with truncated weights", "checkpoint", lambda d: _truncate(d / "pytorch_model.bin"),
      "pytorch_model.bin"),
-    ("checkpoint without tokenizer", CHECKPOINT, lambda d: (d / "tokenizer.model").unlink(), "tokenizer.model"),
-    ("checkpoint whose config does not match its weights", CHECKPOINT, lambda d: _set_config(d, hidden_size=384),
+    ("checkpoint without tokenizer", "checkpoint", lambda d: (d / "tokenizer.model").unlink(), "tokenizer.model"),
+    ("checkpoint whose config does not match its weights", "checkpoint", lambda d: _set_config(d, hidden_size=384),
      "expected (384, 64)"),
-    ("artifacts without the GGUF", ARTIFACTS, lambda d: (d / "llm-q4_k_m.gguf").unlink(), "llm-q4_k_m.gguf"),
-    ("artifacts with a truncated ONNX graph", ARTIFACTS, lambda d: _truncate(d / "vision-fp32.onnx"),
-     "vision-fp32.onnx"),
-    ("artifacts with another GGUF in place", ARTIFACTS,
+    ("artifacts without the GGUF", "artifacts", lambda d: (d / "llm-q4_k_m.gguf").unlink(), "llm-q4_k_m.gguf"),
+    ("artifacts with truncated ONNX graphs", "artifacts",
+     lambda d: [_truncate(g) for g in d.glob("vision-*.onnx")], "vision-"),
+    ("artifacts with another GGUF in place", "artifacts",
      lambda d: shutil.copy(d / "llm-q8_0.gguf", d / "llm-q4_k_m.gguf"), "llm-q4_k_m.gguf"),
-    ("artifacts with a broken manifest", ARTIFACTS, lambda d: (d / "manifest.json").write_text("[]"),
+    ("artifacts with a broken manifest", "artifacts", lambda d: (d / "manifest.json").write_text("[]"),
      "manifest.json"),
 ]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f[0] for f in FAULTS])
-def test_model_file_fault_fails_configure_naming_the_file(tmp_path, fault):
+def test_model_file_fault_fails_configure_naming_the_file(tmp_path, fault, tiny_v2, tiny_v2_artifacts):
     case_id, source, damage, named = fault
     d = tmp_path / "model"
-    shutil.copytree(source, d)
+    shutil.copytree(tiny_v2 if source == "checkpoint" else tiny_v2_artifacts, d)
     damage(d)
     proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file",
                            str(PARAMS), "-p", f"model_path:={d}", "-r", "__node:=mobilevlm_fault"],
@@ -230,9 +226,9 @@ def test_model_file_fault_fails_configure_naming_the_file(tmp_path, fault):
 
 # ----------------------------------------------------------------------------------------- signals
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_generation_shuts_down_within_2_s(rclpy_context, sig):
+def test_signal_during_generation_shuts_down_within_2_s(rclpy_context, sig, tiny_v2_artifacts):
     name = f"mobilevlm_sig{int(sig)}"
-    n = start_node(name=name)
+    n = start_node(tiny_v2_artifacts, name=name)
     c = Client(rclpy_context, ns=f"/{name}", name=f"sig_client_{int(sig)}")
     try:
         assert c.ask_client.wait_for_service(timeout_sec=120), n.log()

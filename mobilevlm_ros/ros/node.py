@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import queue
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -309,27 +310,44 @@ class MobileVLMNode(LifecycleNode):
         return CancelResponse.ACCEPT
 
     async def _execute(self, goal_handle):
-        """~/ask_stream: like ~/ask, with the answer so far as feedback after every token (published
-        from the generation worker)."""
-        def feedback(tokens: int, text: str) -> None:
-            msg = AskAction.Feedback()
-            msg.text, msg.tokens = text, tokens
-            try:
-                goal_handle.publish_feedback(msg)
-            except Exception as e:          # the context went down (SIGINT/SIGTERM): stop this answer
-                ticket.cancel("the node is shutting down")
-                self.get_logger().debug(f"feedback not published: {e}")
-        ticket = self._submit(goal_handle.request, "action", feedback)
+        """~/ask_stream: like ~/ask, with the answer so far as feedback after every token. Tokens go
+        from the generation worker into a queue that this coroutine publishes from: a slow or
+        vanished client (a reliable writer blocking on a full history) never slows generation."""
+        executor = self.executor
+        tokens: "queue.SimpleQueue" = queue.SimpleQueue()
+        wake = [Future(executor=executor)]
+
+        def notify(*_):
+            f = wake[0]
+            if not f.done():
+                f.set_result(None)
+            if executor is not None:
+                executor.wake()
+
+        def on_token(n: int, text: str) -> None:
+            tokens.put((n, text))
+            notify()
+        ticket = self._submit(goal_handle.request, "action", on_token)
         if ticket is None:
             result = self._not_active()
         else:
             self._goals[id(goal_handle)] = ticket
             if goal_handle.is_cancel_requested:
                 ticket.cancel("cancelled by the client")
+            ticket.add_done_callback(notify)
             try:
-                result = await self._wait(ticket)
+                while True:
+                    wake[0] = Future(executor=executor)
+                    while not tokens.empty():
+                        n, text = tokens.get()
+                        self._feedback(goal_handle, ticket, n, text)
+                    if ticket.done() and tokens.empty():
+                        break
+                    if tokens.empty():
+                        await wake[0]
             finally:
                 self._goals.pop(id(goal_handle), None)
+            result = ticket.result(0)
         try:
             if result.status == Status.CANCELLED and goal_handle.is_cancel_requested:
                 goal_handle.canceled()
@@ -340,6 +358,15 @@ class MobileVLMNode(LifecycleNode):
         except Exception as e:              # shutting down: nobody can receive the result any more
             self.get_logger().debug(f"goal state not published: {e}")
         return fill_result(AskAction.Result(), result)
+
+    def _feedback(self, goal_handle, ticket, n: int, text: str) -> None:
+        msg = AskAction.Feedback()
+        msg.text, msg.tokens = text, n
+        try:
+            goal_handle.publish_feedback(msg)
+        except Exception as e:              # the context went down (SIGINT/SIGTERM): stop this answer
+            ticket.cancel("the node is shutting down")
+            self.get_logger().debug(f"feedback not published: {e}")
 
     def _publish_answer(self, request, result: Result) -> None:
         """engine.on_answer: every generated answer on ~/answers, captions on ~/captions."""
