@@ -114,7 +114,7 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
         assert data["sha256"] == sha256_file(out / data["file"])
         assert data["bytes"] == (out / data["file"]).stat().st_size > e["bytes"]
     assert m["vision"]["fp32"]["check"]["rel_max_abs_diff"] < 1e-5
-    vis = OnnxRuntimeVision.from_artifacts(out, m, LoadOptions())
+    vis = OnnxRuntimeVision.from_artifacts(out, m, LoadOptions(vision_dtype="fp32"))
     px = onnx_export.verification_pixels(2)
     ref = TorchVision(load_checkpoint(ckpt)).encode_pixels(px)
     assert onnx_export.compare(vis.encode_pixels(px), ref)["rel_max_abs_diff"] < 1e-5
@@ -122,7 +122,7 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
     (out / "vision-fp32.onnx.data").unlink()
     from mobilevlm_ros.core.errors import ModelLoadError
     with pytest.raises(ModelLoadError, match="vision-fp32.onnx.data"):
-        OnnxRuntimeVision.from_artifacts(out, m, LoadOptions())
+        OnnxRuntimeVision.from_artifacts(out, m, LoadOptions(vision_dtype="fp32"))
 
 
 def test_reexport_replaces_and_removes_graphs(tmp_path_factory, tmp_path):

@@ -230,7 +230,7 @@ def _llama_logits(path, tok, ids):
     from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder
     dec = LlamaCppDecoder(path, tok, threads=2, n_ctx=256, max_cached_frames=1)
     try:
-        dec._decode_tokens(ids, 0, 0, logits=True)
+        dec._decode_tokens(ids, 0, logits=True)
         return np.ctypeslib.as_array(lc.llama_get_logits_ith(dec._ctx, -1), shape=(dec.n_vocab,)).copy()
     finally:
         dec.close()

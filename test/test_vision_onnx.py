@@ -231,7 +231,8 @@ def test_parity_bound_catches_wrong_graphs(model, tmp_path):
 def _ask(capsys, model_dir, backend, image):
     from mobilevlm_ros.tools.ask import main as ask_main
     rc = ask_main(["--model", str(model_dir), "--image", str(image), "--question", "What is in the image?",
-                   "--vision-backend", backend, "--decoder", "torch", "--max-new-tokens", "12", "--json"])
+                   "--vision-backend", backend, "--decoder", "torch", "--max-new-tokens", "12", "--json",
+                   "--vision-dtype", "fp32"])
     out = capsys.readouterr().out
     assert rc == 0, out
     return json.loads(out.strip().splitlines()[-1])
@@ -286,10 +287,34 @@ def test_missing_dtype_and_damaged_graph_are_load_errors(tmp_path_factory, tmp_p
     f = copy / "vision-fp32.onnx"
     f.write_bytes(b"\0" * f.stat().st_size)                # same size, garbage content
     with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):
+        OnnxRuntimeVision.from_artifacts(copy, m, LoadOptions(vision_dtype="fp32"))
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):    # auto without int8: fp32
         OnnxRuntimeVision.from_artifacts(copy, m, LoadOptions())
     f.write_bytes(b"\0" * 10)
     with pytest.raises(ModelLoadError, match="bytes"):
-        OnnxRuntimeVision.from_artifacts(copy, m, LoadOptions())
+        OnnxRuntimeVision.from_artifacts(copy, m, LoadOptions(vision_dtype="fp32"))
+
+
+def test_auto_dtype_follows_the_recorded_int8_fidelity(tmp_path_factory):
+    """vision_dtype auto on the CPU: int8 when the export's check cosine is within INT8_MIN_COSINE,
+    fp32 otherwise, whoever loads the backend (the pipeline or a direct caller)."""
+    import copy as _copy
+
+    from mobilevlm_ros.core.artifacts import INT8_MIN_COSINE as BOUND, choose_vision_dtype
+    _, art = exported(tmp_path_factory, "v2")
+    m = read_manifest(art)
+    cos = m["vision"]["int8"]["check"]["cosine"]
+    want = "int8" if cos >= BOUND else "fp32"
+    assert OnnxRuntimeVision.from_artifacts(art, m, LoadOptions()).dtype == want
+    worse = _copy.deepcopy(m)
+    worse["vision"]["int8"]["check"]["cosine"] = BOUND - 1e-4
+    assert choose_vision_dtype(worse, "onnxruntime", "cpu")[0] == "fp32"
+    assert OnnxRuntimeVision.from_artifacts(art, worse, LoadOptions()).dtype == "fp32"
+    better = _copy.deepcopy(m)
+    better["vision"]["int8"]["check"]["cosine"] = 1.0
+    assert choose_vision_dtype(better, "onnxruntime", "cpu")[0] == "int8"
+    assert choose_vision_dtype(better, "onnxruntime", "cuda")[0] == "fp16"
+    assert choose_vision_dtype(better, "tensorrt", "cpu")[0] == "fp16"
 
 
 def test_provider_order_and_options(tmp_path):
@@ -318,7 +343,7 @@ def test_threads_and_provider_reported(tmp_path_factory, caplog):
     import logging
     _, art = exported(tmp_path_factory, "v2")
     with caplog.at_level(logging.INFO, logger="mobilevlm_ros.core.vision_onnx"):
-        vis = OnnxRuntimeVision.from_artifacts(art, read_manifest(art), LoadOptions(threads=1))
+        vis = OnnxRuntimeVision.from_artifacts(art, read_manifest(art), LoadOptions(threads=1, vision_dtype="fp32"))
     assert any("runs on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
     assert vis.session.get_session_options().intra_op_num_threads == 1
     assert vis.describe() == {"vision_backend": "onnxruntime", "provider": "CPUExecutionProvider",

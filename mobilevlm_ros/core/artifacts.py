@@ -72,3 +72,25 @@ def artifact_path(folder: Path, manifest: dict, section: str, key: str) -> Path:
         raise ModelLoadError(f"{path} has {path.stat().st_size} bytes, manifest says {entry['bytes']} "
                              "(truncated or replaced; re-export)")
     return path
+
+
+# vision_dtype "auto" on a CPU takes the int8 graph when the export measured its embeddings this close
+# to the float32 torch reference (cosine over the check frames, manifest.json "check")
+INT8_MIN_COSINE = 0.999
+
+
+def choose_vision_dtype(manifest: dict, vision_backend: str, device: str) -> tuple[str, str]:
+    """(graph, why) for vision_dtype "auto": on a GPU backend the fp16 graph, on the CPU the int8
+    graph if its recorded fidelity is within INT8_MIN_COSINE, else fp32."""
+    graphs = manifest.get("vision", {})
+    if vision_backend == "tensorrt" or (vision_backend == "onnxruntime" and str(device).startswith("cuda")):
+        return ("fp16", "GPU backend") if "fp16" in graphs else ("fp32", "GPU backend, no fp16 graph exported")
+    int8 = graphs.get("int8")
+    if int8 is None:
+        return "fp32", "no int8 graph exported"
+    cosine = (int8.get("check") or {}).get("cosine")
+    if cosine is None:
+        return "fp32", "the int8 graph's fidelity is not recorded in manifest.json"
+    if cosine < INT8_MIN_COSINE:
+        return "fp32", f"the int8 graph's cosine {cosine:.5f} is below {INT8_MIN_COSINE}"
+    return "int8", f"CPU, int8 cosine {cosine:.5f} >= {INT8_MIN_COSINE}"

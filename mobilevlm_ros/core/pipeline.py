@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .artifacts import MANIFEST, read_manifest
+from .artifacts import INT8_MIN_COSINE, MANIFEST, choose_vision_dtype, read_manifest  # noqa: F401
 from .errors import ModelLoadError
 from .generation import Generation, GenerationParams, TokenCallback
 from .prompt import PromptIds, build_prompt
@@ -61,28 +61,6 @@ class LoadOptions:
     n_ctx: int = 0                      # shorthand for llamacpp.n_ctx (a node parameter)
     llamacpp: LlamaCppOptions = field(default_factory=LlamaCppOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
-
-
-# vision_dtype "auto" on a CPU takes the int8 graph when the export measured its embeddings this close
-# to the float32 torch reference (cosine over the check frames, manifest.json "check")
-INT8_MIN_COSINE = 0.999
-
-
-def choose_vision_dtype(manifest: dict, vision_backend: str, device: str) -> tuple[str, str]:
-    """(graph, why) for vision_dtype "auto": on a GPU backend the fp16 graph, on the CPU the int8
-    graph if its recorded fidelity is within INT8_MIN_COSINE, else fp32."""
-    graphs = manifest.get("vision", {})
-    if vision_backend == "tensorrt" or (vision_backend == "onnxruntime" and str(device).startswith("cuda")):
-        return ("fp16", "GPU backend") if "fp16" in graphs else ("fp32", "GPU backend, no fp16 graph exported")
-    int8 = graphs.get("int8")
-    if int8 is None:
-        return "fp32", "no int8 graph exported"
-    cosine = (int8.get("check") or {}).get("cosine")
-    if cosine is None:
-        return "fp32", "the int8 graph's fidelity is not recorded in manifest.json"
-    if cosine < INT8_MIN_COSINE:
-        return "fp32", f"the int8 graph's cosine {cosine:.5f} is below {INT8_MIN_COSINE}"
-    return "int8", f"CPU, int8 cosine {cosine:.5f} >= {INT8_MIN_COSINE}"
 
 
 def is_artifacts(path: Path) -> bool:

@@ -132,9 +132,11 @@ class OnnxRuntimeVision(VisionBackend):
 
     @classmethod
     def from_artifacts(cls, path, manifest: dict, opts) -> "OnnxRuntimeVision":
-        from .artifacts import artifact_path
+        from .artifacts import artifact_path, choose_vision_dtype
         path = Path(path)
         dtype = getattr(opts, "vision_dtype", "fp32") or "fp32"
+        if dtype == "auto":
+            dtype, _ = choose_vision_dtype(manifest, cls.name, getattr(opts, "device", "cpu"))
         onnx_path = artifact_path(path, manifest, "vision", dtype)
         entry = manifest["vision"][dtype]
         data = entry.get("external_data")

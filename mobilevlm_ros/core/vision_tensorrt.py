@@ -241,9 +241,11 @@ class TensorRTVision(VisionBackend):
         opts.tensorrt (pipeline.TensorRTOptions): fp16, max_batch, rebuild. Engines go to
         opts.engine_cache or ARTIFACTS/engines.
         """
-        from .artifacts import artifact_path
+        from .artifacts import artifact_path, choose_vision_dtype
         path = Path(path)
         dtype = getattr(opts, "vision_dtype", "fp32") or "fp32"
+        if dtype == "auto":
+            dtype, _ = choose_vision_dtype(manifest, cls.name, "cuda")
         if dtype == "int8":
             raise ModelLoadError("the tensorrt backend builds from the fp32 (or fp16) graph; the int8 graph "
                                  "uses ONNX Runtime's dynamic quantization, which TensorRT does not run")
