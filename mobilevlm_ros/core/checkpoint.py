@@ -16,6 +16,7 @@ import torch
 from .config import (CLIPVisionConfig, MobileVLMConfig, clip_config_from_dict, load_mobilevlm_config,
                      read_json)
 from .errors import ModelLoadError
+from .tokenizer import TOKENIZER_JSON, tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / TOKENIZER_FILE
+        """tokenizer.model (as published); tokenizer.json only in a folder without one."""
+        return tokenizer_file(self.path)
 
     def projector_state(self) -> dict[str, torch.Tensor]:
         return {k[len(PROJECTOR_PREFIX):]: v for k, v in self.state.items()
@@ -174,8 +176,8 @@ def load_checkpoint(model_dir, vision_tower_path=None) -> Checkpoint:
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder not found: {model_dir}")
     config = load_mobilevlm_config(model_dir)
-    if not (model_dir / TOKENIZER_FILE).is_file():
-        raise ModelLoadError(f"missing file: {model_dir / TOKENIZER_FILE}")
+    if not tokenizer_file(model_dir).is_file():
+        raise ModelLoadError(f"missing file: {model_dir / TOKENIZER_FILE} (nor {TOKENIZER_JSON})")
     state = read_weights(model_dir)
     vision = resolve_vision_weights(model_dir, config, state, vision_tower_path)
     log.info("vision weights: %s", vision.source)

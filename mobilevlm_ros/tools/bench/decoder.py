@@ -1,6 +1,7 @@
 """Decoder speed per GGUF quantization: our llama.cpp decoder beside llama.cpp's own loop, one run.
 
     mobilevlm-bench decoder --model CKPT|ARTIFACTS [--quants q4_k_m,q8_0,f16] [--threads N]
+                            (--quants also takes q4_0, iq4_xs, q5_k_m)
                             [--tokens 32] [--repeats 3] [--warmup 1] [--n-ctx 0] [--out DIR]
 
 A checkpoint is exported to GGUF first (OUT/gguf, reused while the checkpoint is unchanged); an
@@ -43,7 +44,8 @@ from .bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
 from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, run_worker, stats,
                      worker_main, write_results)
 
-QUANTS = ("q4_k_m", "q8_0", "f16")
+QUANTS = ("q4_k_m", "q8_0", "f16")                              # the default set
+CHOICES = (*QUANTS, "q4_0", "iq4_xs", "q5_k_m")                 # every quant the export writes
 QUESTIONS = ("What objects are on the table in front of the robot?",
              "Is the door open or closed?",
              "Describe the scene in detail.")
@@ -74,8 +76,9 @@ def _log(msg: str) -> None:
 def _checkpoint_key(model: Path) -> dict:
     from ...core.artifacts import sha256_file
     from ...core.checkpoint import weight_files
+    from ...core.tokenizer import tokenizer_file
     return {"config_sha256": sha256_file(model / "config.json"),
-            "tokenizer_sha256": sha256_file(model / "tokenizer.model"),
+            "tokenizer_sha256": sha256_file(tokenizer_file(model)),
             "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weight_files(model)]}
 
 
@@ -215,11 +218,11 @@ def _worker_quant(job: dict) -> dict:
     from ...core.decoders.llamacpp_decoder import LlamaCppDecoder
     from ...core.generation import GenerationParams
     from ...core.prompt import build_prompt
-    from ...core.tokenizer import Tokenizer
+    from ...core.tokenizer import load_tokenizer
     from ...core.vision import ImageEmbedding
 
     quant, n_gen, repeats, warmup = job["quant"], job["tokens"], job["repeats"], job["warmup"]
-    tok = Tokenizer(job["tokenizer"])
+    tok = load_tokenizer(job["tokenizer"])
     t0 = time.perf_counter()
     dec = LlamaCppDecoder(job["gguf"], tok, quant=quant, threads=job["threads"], n_ctx=job["n_ctx"],
                           max_cached_frames=4)
@@ -352,13 +355,14 @@ def plot(result: dict, ax) -> None:
 
 def run(a) -> dict:
     from ...core.decoders.llamacpp_decoder import default_threads
+    from ...core.tokenizer import tokenizer_file
     model = Path(a.model)
     if not model.is_dir():
         raise SystemExit(f"mobilevlm-bench decoder: model folder not found: {model}")
     quants = [q.strip().lower() for q in a.quants.split(",") if q.strip()]
-    bad = [q for q in quants if q not in QUANTS]
+    bad = [q for q in quants if q not in CHOICES]
     if bad or not quants:
-        raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(QUANTS)})")
+        raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(CHOICES)})")
     threads = a.threads if a.threads > 0 else default_threads()
     out = Path(a.out) if a.out else None
     tmp = None
@@ -371,7 +375,7 @@ def run(a) -> dict:
         gguf_dir = Path(tmp.name)
     try:
         section, folder, export_info = ensure_gguf(model, gguf_dir, quants, a.timeout)
-        tokenizer = model / "tokenizer.model"
+        tokenizer = tokenizer_file(model)       # tokenizer.model, or a BPE test model's tokenizer.json
         result = {"benchmark": "decoder", "model": str(model.resolve()), "tokens": a.tokens,
                   "repeats": a.repeats, "warmup": a.warmup, "machine": _machine(threads),
                   "export": export_info, "quants": []}
@@ -411,7 +415,8 @@ def main(argv=None) -> int:
         return code
     ap = argparse.ArgumentParser(prog="mobilevlm-bench decoder", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (exported first) or artifacts folder")
-    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated: q4_k_m,q8_0,f16")
+    ap.add_argument("--quants", default=",".join(QUANTS),
+                    help=f"comma-separated, from {','.join(CHOICES)} (default {','.join(QUANTS)})")
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per run (EOS ignored)")
     ap.add_argument("--repeats", type=int, default=3)
