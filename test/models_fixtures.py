@@ -1,8 +1,8 @@
 """Session fixtures: tiny random checkpoints in the published layout, made by the project's own tool."""
-import numpy as np
 import pytest
 
 from mobilevlm_ros.tools.make_tiny import make_checkpoint
+from mobilevlm_ros.tools.synthetic import pattern_frame
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +22,7 @@ def tiny_ckpt(request, tiny_v1, tiny_v2):
 
 def synthetic_frame(h, w, seed=0):
     """Deterministic frame with structure (gradients + a block) and some noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)),
-                    ((x + y) * 128 // max(h + w, 1))], axis=-1).astype(np.int32)
-    img[h // 4:h // 2, w // 3:w // 2] = (230, 30, 30)
-    img += rng.integers(-20, 20, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return pattern_frame(h, w, seed)
 
 
 FRAMES = {"wide": (360, 640), "tall": (500, 300), "square": (256, 256)}

@@ -1,12 +1,10 @@
 """What the ROS-level tests share: the test's side of the graph (publishers, service/action clients,
 diagnostics listener), a node process and waiting helpers. Import after checking that rclpy and the
 generated interfaces import (the test modules skip first)."""
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -20,6 +18,7 @@ from mobilevlm_ros.action import Ask as AskAction
 from mobilevlm_ros.msg import Answer
 from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
 from mobilevlm_ros.srv import Ask as AskService
+from mobilevlm_ros.tools.synthetic import pattern_frame
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = "/mobilevlm"
@@ -28,33 +27,7 @@ TOKENS = 12
 
 
 def synthetic(h=120, w=160, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 128 // (h + w)], -1)
-    img[h // 4:h // 2, w // 3:w // 2] = (230, 30, 30)
-    return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
-
-
-class NodeProcess:
-    def __init__(self, cmd):
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", cwd=REPO)
-        self.lines = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def log(self, n=30):
-        return "\n".join(self.lines[-n:])
-
-    def rss_mb(self):
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+    return pattern_frame(h, w, seed)
 
 
 def wait_for(predicate, timeout, interval=0.05):

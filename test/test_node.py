@@ -41,16 +41,18 @@ from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from ros_helpers import (QUESTION, TOKENS, Client, NodeProcess, stamp_of, synthetic,  # noqa: E402
-                         wait_for, wait_future)
+from ros_helpers import QUESTION, TOKENS, Client, stamp_of, synthetic, wait_for, wait_future  # noqa: E402
+
+from mobilevlm_ros.tools.traffic import NodeUnderTest  # noqa: E402
 
 from mobilevlm_ros.msg import Status  # noqa: E402
 from mobilevlm_ros.srv import Ask as AskService  # noqa: E402
 
 
-def node_command(model, *extra):
-    return [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(PARAMS),
-            "-p", f"model_path:={model}", *extra]
+def start(model, name, cameras=("front",), **params):
+    """The node as a user starts it, with the repository's parameters file and these overrides."""
+    return NodeUnderTest(model, cameras, name=name, params_file=PARAMS,
+                         params={"diagnostics_period_s": "0.2", "threads": "1", **params})
 
 
 def test_params_file_matches_the_parameter_table():
@@ -93,10 +95,8 @@ def reference(frame_png, tiny_v2):
 
 @pytest.fixture(scope="module")
 def node(reference, tiny_v2):
-    proc = NodeProcess(node_command(tiny_v2,
-        "-p", "cameras:=[front, rear, left]", "-p", "max_queue:=2", "-p", "vision_rate_hz:=0.0",
-        "-p", "diagnostics_period_s:=0.2", "-p", "max_frame_age_s:=20.0",
-        "-p", f"max_question_chars:={MAX_QUESTION_CHARS}", "-p", "threads:=1"))
+    proc = start(tiny_v2, NODE.strip("/"), ("front", "rear", "left"), max_queue="2", vision_rate_hz="0.0",
+                 max_frame_age_s="20.0", max_question_chars=str(MAX_QUESTION_CHARS))
     yield proc
     if proc.proc.poll() is None:
         proc.proc.kill()
@@ -173,10 +173,16 @@ def test_action_streams_the_same_answer_token_by_token(client):
     assert wrapped.status == GoalStatus.STATUS_SUCCEEDED and res.success, res.error
     assert stamp_of(res.header) == stamp_of(header)
     assert res.answer == client.ask().answer
-    # feedback and result travel on different DDS topics: the last feedback can arrive after the result
+    # feedback and result travel on different DDS topics: the last feedback can arrive after the
+    # result, and rclpy's action client drops feedback of a goal whose result it has (seen here once
+    # in ~20 runs); every earlier token arrives, in order, each with the answer so far
     wait_for(lambda: len(feedback) >= res.completion_tokens, 5)
-    assert [n for n, _ in feedback] == list(range(1, res.completion_tokens + 1))
-    assert feedback[-1][1] == res.answer
+    n = len(feedback)
+    assert n >= res.completion_tokens - 1 and n > 1
+    assert [k for k, _ in feedback] == list(range(1, n + 1))
+    assert all(res.answer.startswith(text) for _, text in feedback)
+    if n == res.completion_tokens:
+        assert feedback[-1][1] == res.answer
 
 
 def test_idle_node_prefills_the_newest_frame(client):
@@ -437,9 +443,7 @@ def test_ask_client_command(client):
 def own_node(tiny_v2, rclpy_context):
     """A node of this test's own (it will be stopped or reconfigured), with its client."""
     ns = f"/mobilevlm_own_{os.getpid()}"
-    proc = NodeProcess(node_command(tiny_v2, "-r", f"__node:={ns.strip('/')}", "-p", "vision_rate_hz:=0.0",
-                                    "-p", "diagnostics_period_s:=0.2", "-p", "threads:=1",
-                                    "-p", "max_frame_age_s:=20.0"))
+    proc = start(tiny_v2, ns.strip("/"), vision_rate_hz="0.0", max_frame_age_s="20.0")
     c = Client(rclpy_context, ns=ns, name="own_node_client")
     assert c.ask_client.wait_for_service(timeout_sec=120), proc.log()
     assert wait_for(lambda: c.camera("front"), 10), "no diagnostics from the node"
@@ -477,6 +481,57 @@ def test_sigint_shuts_the_node_down_cleanly(own_node):
         assert wrapped.result().result.status.code in (Status.OK, Status.CANCELLED)
 
 
+def test_replay_and_the_live_node_pick_the_same_frames_and_answer_alike(client, node, tiny_v2, tmp_path):
+    """The node and `mobilevlm-replay` run the same engine: the bag's frames published to the node
+    and asked about after each one, and the same bag replayed with questions at the same points,
+    give the same frame (stamp) and the same answer for every question (the determinism contract:
+    the answer does not depend on what else was cached, prefilled or asked before)."""
+    import yaml
+    from rclpy.time import Time
+
+    from mobilevlm_ros.tools import replay
+    from mobilevlm_ros.tools.bagio import BagReader
+    from mobilevlm_ros.tools.make_bag import make_bag
+    questions = ["What is in front?", QUESTION]
+    info = make_bag(tmp_path / "bag", storage="mcap", seconds=2.0, rate=2.0, cameras=("front",),
+                    encoding="rgb8", size=(160, 120), start_s=time.time(), progress=False)
+    topic = info["topics"]["front"]
+    frames = info["frames"][topic]                              # (bag ns, stamp ns, k)
+    first = frames[0][0]
+    doc = {"cameras": {"front": topic}, "max_frame_age_s": 20.0,       # as the shared node
+           "defaults": {"max_new_tokens": TOKENS, "temperature": 0.0},
+           "questions": [{"id": f"q{i}", "camera": "front", "question": q,
+                          "at": [round((bag_ns - first) / 1e9 + 0.25, 3) for bag_ns, _, _ in frames]}
+                         for i, q in enumerate(questions)]}
+    qfile = tmp_path / "questions.yaml"
+    qfile.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "replay.jsonl"
+    assert replay.main([str(info["path"]), "--questions", str(qfile), "--out", str(out), "--model", str(tiny_v2),
+                        "--vision-rate-hz", "0", "--no-progress"]) == 0
+    replayed = {}
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        assert "error" not in r, r
+        stamp = r["frame_stamp"]["sec"] * 10**9 + r["frame_stamp"]["nanosec"]
+        replayed[(stamp, r["question"])] = (r["answer"], r["completion_tokens"], r["finish_reason"])
+    assert len(replayed) == len(frames) * len(questions)
+
+    live = {}
+    with BagReader(info["path"]) as bag:
+        msgs = [m for _, _, _, m in bag.iter_messages([topic])]
+    for msg in msgs:
+        pixels = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        client.publish_and_wait_encoded("front", pixels, stamp=Time(nanoseconds=stamp))
+        for q in questions:
+            res = client.ask(q)
+            assert res.success, res.error
+            got = res.header.stamp.sec * 10**9 + res.header.stamp.nanosec
+            assert got == stamp                                # the frame just published
+            live[(got, q)] = (res.answer, res.completion_tokens, res.finish_reason)
+    assert live == replayed
+
+
 def test_status_codes_reach_the_client(client):
     """The status travels with the response: clients branch on it, never on the error text."""
     client.publish_and_wait_encoded("front", synthetic())
@@ -492,13 +547,12 @@ def test_waiting_requests_hold_no_executor_thread(tiny_v2, rclpy_context):
     """Service callbacks await the engine: with 12 long requests waiting, the node answers its
     parameter service at once and has no more threads than before they arrived."""
     ns = f"/mobilevlm_async_{os.getpid()}"
-    proc = NodeProcess(node_command(tiny_v2, "-r", f"__node:={ns.strip('/')}", "-p", "vision_rate_hz:=0.0",
-                                    "-p", "max_queue:=16", "-p", "threads:=1", "-p", "max_frame_age_s:=0.0",
-                                    "-p", "diagnostics_period_s:=0.2"))
+    proc = start(tiny_v2, ns.strip("/"), vision_rate_hz="0.0", max_queue="16", max_frame_age_s="0.0")
     c = Client(rclpy_context, ns=ns, name="async_client")
     try:
         assert c.ask_client.wait_for_service(timeout_sec=120), proc.log()
         c.publish_and_wait_encoded("front", synthetic())
+        assert c.ask().success                          # warm: the backends' and the executor's threads
         threads0 = proc_threads(proc)
         futures = []
         for _ in range(12):
@@ -508,7 +562,8 @@ def test_waiting_requests_hold_no_executor_thread(tiny_v2, rclpy_context):
         t0 = time.monotonic()
         assert c.set_param("max_new_tokens", 64).successful
         assert time.monotonic() - t0 < 2.0
-        assert proc_threads(proc) <= threads0 + 1, (threads0, proc_threads(proc))
+        # the executor's pool may still add a thread of its 4; 12 callbacks waiting on threads would add 12
+        assert proc_threads(proc) <= threads0 + 2, (threads0, proc_threads(proc))
         assert c.transition(Transition.TRANSITION_DEACTIVATE)          # answers every waiting request
         results = [wait_future(f, 60) for f in futures]
         assert all(r.status.code in (Status.OK, Status.CANCELLED, Status.UNAVAILABLE) for r in results)
@@ -559,8 +614,7 @@ def test_manual_lifecycle_without_autostart(rclpy_context, tiny_v2):
     """autostart false: the node waits unconfigured; configure, activate, deactivate, clean up and
     shut down through the standard lifecycle services; the shutdown transition ends the process."""
     name = "/mobilevlm_lc"
-    proc = NodeProcess(node_command("/not/yet", "-p", "autostart:=false",
-                                    "-r", "__node:=mobilevlm_lc"))
+    proc = start("/not/yet", name.strip("/"), autostart="false")
     node = rclpy.create_node("mobilevlm_lc_client", context=rclpy_context)
     executor = MultiThreadedExecutor(context=rclpy_context)
     executor.add_node(node)

@@ -18,9 +18,6 @@ The node runs in the namespace /mobilevlm_demo so it never collides with a node 
 from __future__ import annotations
 
 import argparse
-import collections
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,30 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ..resources import share_file
+from .synthetic import render_frame
+from .traffic import NodeUnderTest
 
 DEFAULT_MODELS = ("models/tiny-v2-artifacts", "models/tiny-v2")    # what scripts/setup.sh makes
-
-
-class SampleCamera:
-    """Synthetic moving frames: deterministic for a frame index, cheap to make (~10 Hz is easy)."""
-
-    def __init__(self, width: int = 640, height: int = 480):
-        self.w, self.h = width, height
-        y, x = np.mgrid[0:height, 0:width]
-        self.base = np.stack([x * 255 // (width - 1), y * 255 // (height - 1),
-                              np.full_like(x, 96)], axis=-1).astype(np.uint8)
-        yy, xx = np.mgrid[-40:41, -40:41]
-        self.disc = (xx * xx + yy * yy) <= 40 * 40
-
-    def frame(self, i: int) -> np.ndarray:
-        img = np.roll(self.base, 4 * i, axis=1)
-        # a red square bouncing horizontally, a yellow disc bouncing vertically
-        sx = abs((i * 12) % (2 * (self.w - 120)) - (self.w - 120))
-        img[180:300, sx:sx + 120] = (220, 30, 30)
-        cy = 60 + abs((i * 9) % (2 * (self.h - 160)) - (self.h - 160))
-        region = img[cy - 40:cy + 41, 420:501]
-        region[self.disc[:region.shape[0], :region.shape[1]]] = (240, 220, 40)
-        return img
 
 
 def image_msg(pixels: np.ndarray, stamp, frame_id: str = "demo_camera"):
@@ -66,40 +43,6 @@ def image_msg(pixels: np.ndarray, stamp, frame_id: str = "demo_camera"):
     msg.step = pixels.shape[1] * 3
     msg.data = pixels.tobytes()
     return msg
-
-
-class NodeProcess:
-    """The node as a child process; its log lines are echoed to stderr with a prefix and kept."""
-
-    def __init__(self, cmd, echo: bool = True):
-        self.cmd = cmd
-        self.tail = collections.deque(maxlen=40)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace")
-        self._echo = echo
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.tail.append(line.rstrip())
-            if self._echo:
-                print(f"  [node] {line.rstrip()}", file=sys.stderr, flush=True)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return -9
-        self._reader.join(timeout=2.0)
-        return self.proc.returncode
 
 
 def main(argv=None) -> int:
@@ -145,12 +88,10 @@ def main(argv=None) -> int:
 
     ns = "/" + a.namespace.strip("/")
     node_name = f"{ns}/mobilevlm"
-    cmd = [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(params),
-           "-p", f"model_path:={model.resolve()}", "-r", f"__ns:={ns}"]
-    if a.image_topic:
-        cmd += ["-r", f"~/front/image:={a.image_topic}"]
-    print(f"mobilevlm-demo: starting the node: {' '.join(cmd)}", file=sys.stderr)
-    node_proc = NodeProcess(cmd, echo=not a.quiet)
+    remaps = ["-r", f"__ns:={ns}"] + (["-r", f"~/front/image:={a.image_topic}"] if a.image_topic else [])
+    node_proc = NodeUnderTest(model.resolve(), params_file=params, ros_args=remaps, echo=not a.quiet,
+                              params={"diagnostics_period_s": "1.0"})
+    print(f"mobilevlm-demo: starting the node: {' '.join(node_proc.cmd)}", file=sys.stderr)
 
     rclpy.init()
     client_node = rclpy.create_node("mobilevlm_demo_client")
@@ -161,11 +102,11 @@ def main(argv=None) -> int:
 
     published = [0]
     if not a.image_topic:
-        camera = SampleCamera()
         pub = client_node.create_publisher(Image, f"{node_name}/front/image", qos_profile_sensor_data)
 
-        def publish_frame():
-            pub.publish(image_msg(camera.frame(published[0]), client_node.get_clock().now().to_msg()))
+        def publish_frame():            # a 640x480 scene at 10 Hz
+            frame = render_frame(0, published[0], 10.0, 640, 480)
+            pub.publish(image_msg(frame, client_node.get_clock().now().to_msg()))
             published[0] += 1
 
         client_node.create_timer(0.1, publish_frame)
@@ -237,11 +178,11 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"mobilevlm-demo: {e}", file=sys.stderr)
         if not node_proc.alive() and a.quiet:
-            print("\n".join(node_proc.tail), file=sys.stderr)
+            print(node_proc.log(40), file=sys.stderr)
     except KeyboardInterrupt:
         print("mobilevlm-demo: interrupted", file=sys.stderr)
     finally:
-        rc = node_proc.stop()
+        rc, _ = node_proc.stop(timeout=20.0)     # None: it had to be killed
         executor.shutdown(timeout_sec=2.0)
         client_node.destroy_node()
         rclpy.try_shutdown()

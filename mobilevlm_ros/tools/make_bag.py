@@ -32,13 +32,13 @@ import numpy as np
 from .bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
 from ..core.errors import ImageError, MobileVLMError
 from ..engine import images
+from ..engine.config import check_cameras
+from .synthetic import render_frame
 
 NS = 1_000_000_000
 DEFAULT_START_S = 1_700_000_000.0      # a fixed, plausible wall-clock time: same args, same bag
 ENCODINGS = tuple(images.ENCODINGS)   # every raw encoding the node converts
 PROGRESS_MIN_FRAMES = 200              # a progress bar from this many frames on (on a terminal)
-BAR_BITS = 16
-_PALETTE = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 200, 30), (200, 60, 220), (30, 210, 210)]
 
 
 def topic_for(camera: str, compressed: bool) -> str:
@@ -47,34 +47,6 @@ def topic_for(camera: str, compressed: bool) -> str:
 
 def frame_id_for(camera: str) -> str:
     return f"{camera}_camera_optical_frame"
-
-
-def render_frame(camera_index: int, k: int, rate: float, width: int, height: int) -> np.ndarray:
-    """Frame k of camera `camera_index`: uint8 HxWx3 RGB."""
-    t = k / rate
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.empty((height, width, 3), np.uint8)
-    img[..., 0] = (x * 200 // max(width - 1, 1)).astype(np.uint8)
-    img[..., 1] = (y * 200 // max(height - 1, 1)).astype(np.uint8)
-    img[..., 2] = (40 + 70 * camera_index) % 256
-    # a disc moving left and right
-    cx = width * (0.5 + 0.35 * math.sin(2 * math.pi * t / 4.0 + camera_index))
-    cy = height * (0.55 + 0.15 * math.cos(2 * math.pi * t / 3.0))
-    r = max(2.0, min(width, height) / 7)
-    img[(x - cx) ** 2 + (y - cy) ** 2 <= r * r] = _PALETTE[camera_index % len(_PALETTE)]
-    # a square bouncing up and down
-    side = max(2, min(width, height) // 6)
-    phase = (t / 2.5 + 0.3 * camera_index) % 2.0
-    top = int((phase if phase < 1 else 2 - phase) * (height - side))
-    left = int(width * 0.15)
-    img[top:top + side, left:left + side] = _PALETTE[(camera_index + 3) % len(_PALETTE)]
-    # frame number as a bar code on the top rows (white = 1)
-    bar_h = max(1, height // 16)
-    cell = width / BAR_BITS
-    for bit in range(BAR_BITS):
-        val = 255 if (k >> (BAR_BITS - 1 - bit)) & 1 else 0
-        img[:bar_h, int(bit * cell):int((bit + 1) * cell)] = val
-    return img
 
 
 def _samples(rgb: np.ndarray, encoding: str) -> np.ndarray:
@@ -160,10 +132,8 @@ def make_bag(out, *, storage: str = "mcap", seconds: float = 5.0, rate: float = 
     """Write the bag; returns {topic: [(bag time ns, stamp ns, k), ...]} plus the arguments used.
     progress: None = a bar on a terminal for long bags, False = never, True = always."""
     cameras = list(cameras)
-    if not cameras or any(not c or "/" in c or not c.replace("_", "").isalnum() for c in cameras):
-        raise BagError(f"camera names must be non-empty [A-Za-z0-9_] words, got {cameras}")
-    if len(set(cameras)) != len(cameras):
-        raise BagError(f"camera names repeat: {cameras}")
+    if (why := check_cameras(cameras)):
+        raise BagError(why)
     if not (seconds > 0 and rate > 0 and math.isfinite(seconds) and math.isfinite(rate)):
         raise BagError(f"--seconds and --rate must be positive, got {seconds} and {rate}")
     width, height = size

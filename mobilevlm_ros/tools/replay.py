@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -43,7 +42,7 @@ import numpy as np
 from .bagio import ANSWER, COMPRESSED, IMAGE, BagError, BagReader, BagWriter
 from ..core.errors import ImageError, MobileVLMError, ModelLoadError, RequestError
 from ..core.generation import GenerationParams
-from ..engine.config import AUTO_AGE_MIN_S, ConfigError, EngineConfig
+from ..engine.config import AUTO_AGE_MIN_S, ConfigError, EngineConfig, check_cameras
 from ..engine.engine import Engine, SimClock
 from ..engine.frames import NS
 from ..engine.requests import Request, Result
@@ -56,7 +55,6 @@ ANSWERS_TOPIC = "/mobilevlm/answers"
 PROGRESS_MIN_MESSAGES = 200
 LIST_LIMIT = 50                    # --expect differences printed
 EXIT_OK, EXIT_MODEL, EXIT_INPUT, EXIT_CHANGED = 0, 1, 2, 3
-_CAMERA = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "seed")
 ENTRY_KEYS = {"id", "question", "camera", "at", "every_s", "every_n_frames", "start_s", "end_s", *GEN_KEYS}
 TOP_KEYS = {"cameras", "questions", "max_frame_age_s", "defaults"}
@@ -131,7 +129,7 @@ def parse_questions(doc, path: str = "<questions>") -> QuestionsFile:
         raise QuestionsError(f"{path}: 'cameras' must map camera names to image topics")
     cameras: Dict[str, str] = {}
     for name, topic in cams.items():
-        if not isinstance(name, str) or not _CAMERA.match(name):
+        if check_cameras([name]):
             raise QuestionsError(f"{path}: camera name {name!r} must be letters, digits and '_' "
                                  f"(starting with a letter), as the node's")
         if not isinstance(topic, str) or not topic.startswith("/"):

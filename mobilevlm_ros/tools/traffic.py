@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 
 from ..resources import share_file
+from .synthetic import pattern_frame
 
 
 
@@ -57,31 +57,43 @@ def proc_status(pid: int) -> Dict[str, float]:
 
 
 class NodeUnderTest:
-    """A mobilevlm node in its own process, as a user starts it (config/mobilevlm.yaml + overrides)."""
+    """A mobilevlm node in its own process, as a user starts it: the installed parameters file (or
+    `params_file`) with -p overrides, optional remaps (`ros_args`); its log lines are kept, and
+    written to `log_path` and/or echoed to stderr."""
 
     def __init__(self, model_path, cameras=("front",), name: str = "mobilevlm", params: Dict[str, str] = None,
-                 params_file=None, env: Optional[dict] = None, log_path=None):
+                 params_file=None, env: Optional[dict] = None, log_path=None, ros_args=(), echo: bool = False):
         self.name = name
         overrides = {"model_path": str(model_path), "cameras": "[" + ", ".join(cameras) + "]",
                      "diagnostics_period_s": "0.5", **(params or {})}
         params_file = params_file or share_file("config", "mobilevlm.yaml")
         cmd = [sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file", str(params_file),
-               "-r", f"__node:={name}"]
+               "-r", f"__node:={name}", *ros_args]
         for k, v in overrides.items():
             cmd += ["-p", f"{k}:={v}"]
         self.cmd = cmd
         self.lines: List[str] = []
+        self._echo = echo
         self._log = open(log_path, "w", encoding="utf-8") if log_path else None
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace", env=localhost_env(env))
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self):
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
+            if self._echo:
+                print(f"  [node] {line.rstrip()}", file=sys.stderr, flush=True)
             if self._log:
                 self._log.write(line)
                 self._log.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_mb(self) -> float:
+        return self.status().get("VmRSS", float("nan"))
 
     def log(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
@@ -100,6 +112,7 @@ class NodeUnderTest:
                 self.proc.kill()
                 self.proc.wait()
                 return None, time.monotonic() - t0
+        self._reader.join(timeout=2.0)
         return self.proc.returncode, time.monotonic() - t0
 
 
@@ -124,16 +137,6 @@ class CameraStream:
 
     def __str__(self):
         return f"{self.name}:{self.width}x{self.height}@{self.rate_hz:g}:{self.kind}"
-
-
-def pattern_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A deterministic RGB frame: gradients, a block and noise (not a flat colour)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    (x + y) * 128 // max(height + width, 1)], -1)
-    img[height // 4:height // 2, width // 3:width // 2] = (230, 30, 30)
-    return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
 
 
 @dataclass

@@ -39,7 +39,7 @@ def _size(text: str):
 
 
 def camera_frame(width: int, height: int) -> np.ndarray:
-    from ..make_bag import render_frame
+    from ..synthetic import render_frame
     rgb = render_frame(0, 3, 10.0, width, height)
     noise = np.random.default_rng(0).integers(-8, 9, rgb.shape)
     return np.clip(rgb.astype(int) + noise, 0, 255).astype(np.uint8)
