@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +65,10 @@ class MobileVLMConfig:
 
     @property
     def uses_checkpoint_vision_weights(self) -> bool:
-        # The reference loader keeps the checkpoint's own vision tower for any "v2" projector and
-        # reloads CLIP from mm_vision_tower otherwise.
-        return "v2" in self.projector_type
+        """Whether the reference loader keeps the checkpoint's own vision tower (V2) instead of
+        loading CLIP from mm_vision_tower (V1): the projector's file says (its SPEC)."""
+        from .projectors import projector_spec
+        return projector_spec(self.projector_type).own_vision_weights
 
 
 def read_json(path: Path) -> dict:
@@ -88,9 +88,6 @@ def _require(cfg: dict, key: str, path: Path):
     if key not in cfg:
         raise ModelLoadError(f"{path}: missing key '{key}'")
     return cfg[key]
-
-
-KNOWN_PROJECTORS = re.compile(r"^(ldpnet|ldpnetv2|linear|mlp\d+x_gelu)$")
 
 
 def llama_config_from_dict(cfg: dict, path: Path) -> LlamaConfig:
@@ -116,10 +113,11 @@ def load_mobilevlm_config(model_dir: Path) -> MobileVLMConfig:
     path = Path(model_dir) / "config.json"
     cfg = read_json(path)
     projector = str(cfg.get("mm_projector_type", "linear"))
-    if not KNOWN_PROJECTORS.match(projector):
-        raise ModelLoadError(
-            f"{path}: unknown mm_projector_type '{projector}' "
-            "(supported: ldpnet, ldpnetv2, linear, mlp<N>x_gelu)")
+    from .projectors import projector_spec      # (torch: only checkpoint loading reads config.json)
+    try:
+        projector_spec(projector)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     if cfg.get("mm_use_im_start_end"):
         raise ModelLoadError(f"{path}: mm_use_im_start_end=true is not supported "
                              "(no published MobileVLM checkpoint uses it)")

@@ -51,14 +51,11 @@ QUANT_FTYPES = {"f16": int(gguf.LlamaFileType.MOSTLY_F16),
 Progress = Callable[[int, int, str], None]
 
 # HF module path inside a decoder layer -> GGUF tensor stem
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+# HF -> GGUF tensor names come from the gguf package's own table for the llama architecture
+# (gguf.TensorNameMap), the one llama.cpp's convert_hf_to_gguf.py uses; only the LLM's weights
+_LAYER_MODULES = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                  "mlp.down_proj")            # one decoder layer, in llama.cpp's customary order
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some transformers versions saved
 
 
@@ -83,19 +80,39 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+_NAME_MAP: dict = {}
+
+
+def _name_map(n_blocks: int):
+    """gguf's llama name table for at least n_blocks layers (built once per size class)."""
+    n = max(128, 1 << (max(1, n_blocks) - 1).bit_length())
+    if n not in _NAME_MAP:
+        _NAME_MAP[n] = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n)
+    return _NAME_MAP[n]
+
+
+def llm_tensor_names(n_layers: int, tied: bool = False) -> list[str]:
+    """HF names of a LLaMA's weights, in llama.cpp's customary order."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(n_layers):
+        names += [f"model.layers.{i}.{m}.weight" for m in _LAYER_MODULES]
+    return names + ["model.norm.weight"] + ([] if tied else ["lm_head.weight"])
+
+
 def gguf_tensor_name(hf_name: str) -> Optional[str]:
     """GGUF name of a published LLM weight; None for weights llama.cpp does not use."""
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    if hf_name.endswith(_IGNORED_SUFFIXES):
+    if hf_name.endswith(_IGNORED_SUFFIXES) or not hf_name.endswith(".weight"):
         return None
     parts = hf_name.split(".")
-    # model.layers.N.<module path>.weight
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[-1] == "weight":
-        stem = _LAYER_NAMES.get(".".join(parts[3:-1]))
-        if stem:
-            return f"blk.{int(parts[2])}.{stem}.weight"
-    return None
+    if parts[:2] == ["model", "layers"]:
+        if len(parts) < 5 or not parts[2].isdigit() or ".".join(parts[3:-1]) not in _LAYER_MODULES:
+            return None
+        n_blocks = int(parts[2]) + 1
+    elif hf_name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        n_blocks = 1
+    else:
+        return None
+    return _name_map(n_blocks).get_name(hf_name, try_suffixes=(".weight",))
 
 
 def _expected_shapes(cfg) -> dict[str, tuple]:
@@ -137,14 +154,7 @@ def _plan(state: dict, cfg) -> list[tuple[str, str]]:
     for name in state:
         if name not in shapes and gguf_tensor_name(name) is None and not name.endswith(_IGNORED_SUFFIXES):
             log.warning("GGUF export: ignoring unexpected LLM weight '%s'", name)
-    order = ["model.embed_tokens.weight"]
-    for i in range(cfg.num_hidden_layers):
-        order += [f"model.layers.{i}.{m}.weight" for m in
-                  ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                   "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-                   "mlp.down_proj")]
-    order += ["model.norm.weight"] + ([] if tied else ["lm_head.weight"])
-    return [(n, gguf_tensor_name(n)) for n in order]
+    return [(n, gguf_tensor_name(n)) for n in llm_tensor_names(cfg.num_hidden_layers, tied)]
 
 
 def _convert(name: str, tensor, cfg) -> np.ndarray:
@@ -407,4 +417,4 @@ def export_gguf(checkpoint, out_dir, quants=("f16", "q8_0", "q4_k_m"),
 
 
 __all__ = ["export_gguf", "write_f16_gguf", "quantize_gguf", "permute_qk", "unpermute_qk",
-           "gguf_tensor_name", "QUANT_FTYPES"]
+           "gguf_tensor_name", "llm_tensor_names", "QUANT_FTYPES"]

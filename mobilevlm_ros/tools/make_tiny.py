@@ -141,26 +141,10 @@ def _random_state(d: dict, projector: str, seed: int):
         vision.update(norm(f"{p}.layer_norm2", W))
     vision.update(norm(f"{vp}.post_layernorm", W))
 
-    if projector == "ldpnetv2":
-        proj.update(lin("mlp.mlp.0", W, H))
-        proj.update(lin("mlp.mlp.2", H, H))
-        proj["peg.peg.0.weight"] = rand(H, 1, 3, 3, std=1 / 3)
-        proj["peg.peg.0.bias"] = rand(H, std=0.02)
-    else:
-        from ..core.projectors.ldp import make_divisible
-        sq = make_divisible(H // 4)
-        proj.update(lin("model.mlp.1", W, H))
-        proj.update(lin("model.mlp.3", H, H))
-        for b in (1, 2):
-            p = f"model.mb_block.{b}.block"
-            proj[f"{p}.0.0.weight"] = rand(H, 1, 3, 3, std=1 / 3)
-            proj.update(norm(f"{p}.0.1", H))
-            proj[f"{p}.1.fc1.weight"] = rand(sq, H, 1, 1, std=1 / math.sqrt(H))
-            proj[f"{p}.1.fc1.bias"] = rand(sq, std=0.02)
-            proj[f"{p}.1.fc2.weight"] = rand(H, sq, 1, 1, std=1 / math.sqrt(sq))
-            proj[f"{p}.1.fc2.bias"] = rand(H, std=0.02)
-            proj[f"{p}.2.0.weight"] = rand(H, H, 1, 1, std=1 / math.sqrt(H))
-            proj.update(norm(f"{p}.2.1", H))
+    from types import SimpleNamespace
+
+    from ..core.projectors import projector_spec
+    proj.update(projector_spec(projector).random_weights(W, H, SimpleNamespace(rand=rand, lin=lin, norm=norm)))
     return llm, vision, proj
 
 
@@ -293,7 +277,7 @@ def _smollm2_llm(reader) -> tuple[dict, dict]:
     import torch
     from gguf.quants import dequantize
 
-    from ..core.gguf_export import _LAYER_NAMES, _TOP_NAMES, unpermute_qk
+    from ..core.gguf_export import gguf_tensor_name, llm_tensor_names, unpermute_qk
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"expected a llama GGUF, found architecture {arch!r}")
@@ -309,17 +293,12 @@ def _smollm2_llm(reader) -> tuple[dict, dict]:
                 vocab=int(meta("vocab_size", len(tokens))), max_pos=int(meta("context_length")),
                 rope_theta=float(meta("rope.freq_base", 10000.0)), rms_eps=float(f"{eps:.6g}"))
     dims["head_dim"] = int(meta("rope.dimension_count", dims["hidden"] // heads))
-    top = {g: h for h, g in _TOP_NAMES.items()}
-    layer = {g: h for h, g in _LAYER_NAMES.items()}
+    hf_names = {gguf_tensor_name(h): h for h in llm_tensor_names(dims["layers"])}
     state = {}
     for t in reader.tensors:
-        if t.name in top:
-            name = top[t.name]
-        else:
-            blk, i, stem, _ = t.name.split(".")
-            if blk != "blk" or stem not in layer:
-                raise ValueError(f"unexpected GGUF tensor {t.name}")
-            name = f"model.layers.{int(i)}.{layer[stem]}.weight"
+        name = hf_names.get(t.name)
+        if name is None:
+            raise ValueError(f"unexpected GGUF tensor {t.name}")
         shape = tuple(int(n) for n in reversed(t.shape))        # GGUF lists ne0 (the row) first
         w = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
         if name.endswith("self_attn.q_proj.weight"):
@@ -377,10 +356,8 @@ def _scale_projector(vision: dict, proj: dict, d: dict, projector: str, hidden: 
     with torch.inference_mode():
         out = head(tower(torch.from_numpy(verification_pixels(1))))
     scale = target_rms / float(out.pow(2).mean().sqrt())
-    # the output is linear in these: LDPv2 = pool(mlp.2(.)) + peg(pool(mlp.2(.))), LDP ends in a norm
-    last = (("mlp.mlp.2.weight", "mlp.mlp.2.bias", "peg.peg.0.bias") if projector == "ldpnetv2"
-            else ("model.mb_block.2.block.2.1.weight", "model.mb_block.2.block.2.1.bias"))
-    for k in last:
+    from ..core.projectors import projector_spec
+    for k in projector_spec(projector).output_linear_in:       # the output is linear in these
         proj[k] = (proj[k].float() * scale).to(torch.bfloat16)
     return scale
 
@@ -467,7 +444,8 @@ def make_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-make-tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--projector", choices=("ldpnet", "ldpnetv2"), default="ldpnetv2")
+    from ..core.projectors import TINY_PROJECTORS
+    ap.add_argument("--projector", choices=TINY_PROJECTORS, default="ldpnetv2")
     ap.add_argument("--dims", choices=tuple(DIMS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--format", choices=("bin", "safetensors"), default="bin",

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .spec import ProjectorSpec
+
 
 def make_divisible(v: float, divisor: int = 8) -> int:
     """MobileNet channel rounding: nearest multiple of divisor, never below 90 % of v."""
@@ -80,3 +82,28 @@ class LDPProjector(nn.Module):
 
     def forward(self, x):
         return self.model(x)
+
+
+def _random_weights(cin: int, c: int, init) -> dict:
+    sq = make_divisible(c // 4)
+    s = {**init.lin("model.mlp.1", cin, c), **init.lin("model.mlp.3", c, c)}
+    for b in (1, 2):
+        p = f"model.mb_block.{b}.block"
+        s[f"{p}.0.0.weight"] = init.rand(c, 1, 3, 3, std=1 / 3)
+        s.update(init.norm(f"{p}.0.1", c))
+        s[f"{p}.1.fc1.weight"] = init.rand(sq, c, 1, 1, std=1 / math.sqrt(c))
+        s[f"{p}.1.fc1.bias"] = init.rand(sq, std=0.02)
+        s[f"{p}.1.fc2.weight"] = init.rand(c, sq, 1, 1, std=1 / math.sqrt(sq))
+        s[f"{p}.1.fc2.bias"] = init.rand(c, std=0.02)
+        s[f"{p}.2.0.weight"] = init.rand(c, c, 1, 1, std=1 / math.sqrt(c))
+        s.update(init.norm(f"{p}.2.1", c))
+    return s
+
+
+SPEC = ProjectorSpec(
+    pattern="ldpnet", label="ldpnet",
+    build=lambda _type, cin, c: LDPProjector(cin, c),
+    image_tokens=lambda n: ((math.isqrt(n) + 1) // 2) ** 2,      # the stride-2 block: 576 -> 144
+    own_vision_weights=False, random_weights=_random_weights,
+    # it ends in a LayerNorm: linear in its affine weights
+    output_linear_in=("model.mb_block.2.block.2.1.weight", "model.mb_block.2.block.2.1.bias"))

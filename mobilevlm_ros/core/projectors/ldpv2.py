@@ -12,6 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .spec import ProjectorSpec
+
 
 class TokenMLP(nn.Module):
     def __init__(self, cin: int, c: int):
@@ -43,3 +45,17 @@ class LDPv2Projector(nn.Module):
         grid = self.mlp(x).transpose(1, 2).reshape(b, -1, side, side)
         grid = F.adaptive_avg_pool2d(grid, (side + 1) // 2)
         return self.peg(grid).flatten(2).transpose(1, 2)
+
+
+def _random_weights(cin: int, c: int, init) -> dict:
+    return {**init.lin("mlp.mlp.0", cin, c), **init.lin("mlp.mlp.2", c, c),
+            "peg.peg.0.weight": init.rand(c, 1, 3, 3, std=1 / 3), "peg.peg.0.bias": init.rand(c, std=0.02)}
+
+
+SPEC = ProjectorSpec(
+    pattern="ldpnetv2", label="ldpnetv2",
+    build=lambda _type, cin, c: LDPv2Projector(cin, c),
+    image_tokens=lambda n: ((math.isqrt(n) + 1) // 2) ** 2,      # 2x2 pooling: 576 -> 144
+    own_vision_weights=True, random_weights=_random_weights,
+    # pool(mlp.2(.)) + peg(pool(mlp.2(.))): linear in mlp.2 and the PEG's bias
+    output_linear_in=("mlp.mlp.2.weight", "mlp.mlp.2.bias", "peg.peg.0.bias"))
