@@ -45,11 +45,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ModelLoadError, RequestError
-from ..generation import AnswerBuilder, Generation, GenerationParams, TokenCallback
+from ..generation import GenerationParams
 from ..prompt import PromptIds
 from ..tokenizer import Tokenizer
 from ..vision import ImageEmbedding
-from .base import Decoder, FrameCache
+from .base import Decoder, FrameCache, Turn
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("mobilevlm_ros.llama_cpp")
@@ -311,53 +311,19 @@ class LlamaCppDecoder(Decoder):
         frames = sum(f.nbytes for f in list(self._frames.values()))
         return frames + (self._prefix[1].nbytes if self._prefix else 0)
 
-    def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
-                 on_token: Optional[TokenCallback] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> Generation:
-        params.validate()
+    def _turn(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams) -> "_LlamaTurn":
         self._check_open()
         embeds = self._check_request(prompt, image)
-        sampler = None if params.greedy else self._sampler(params)
-        out = AnswerBuilder(self.tok, params, on_token, cancel)
         try:
-            t0 = time.perf_counter()
             frame, cached, prefix_ms = self._frame_state(prompt, image, embeds)
-            t_image = time.perf_counter()
             self._restore(frame)
-            pos = frame.n_pos
-            self._decode_tokens(prompt.suffix, pos)
-            self._loaded = None                 # the context holds more than the frame now
-            pos += len(prompt.suffix)
-            t1 = time.perf_counter()
-            first_token_ms = None
-            if not out.cancelled():
-                while True:
-                    token = self._next_token(sampler)
-                    if first_token_ms is None:
-                        first_token_ms = (time.perf_counter() - t0) * 1e3
-                    if not out.push(token):
-                        break
-                    if pos >= self.n_ctx:
-                        log.warning("answer stopped at the context size (%d positions)", self.n_ctx)
-                        out.finish_reason = "length"
-                        break
-                    self._decode_tokens((token,), pos)
-                    pos += 1
-            t2 = time.perf_counter()
-        finally:
+        except BaseException:
             self._loaded = None
-            if sampler is not None:
-                self.lc.llama_sampler_free(sampler)
-        n_img = prompt.image_tokens
-        return Generation(ids=out.ids, text=out.answer(), finish_reason=out.finish_reason,
-                          prompt_tokens=prompt.total, prefill_ms=(t1 - t0) * 1e3,
-                          decode_ms=(t2 - t1) * 1e3, first_token_ms=first_token_ms or 0.0,
-                          cached_prefix_tokens=len(prompt.prefix) + (n_img if cached else 0),
-                          timings={"image_prefill_ms": (t_image - t0) * 1e3,
-                                   "text_prefill_ms": (t1 - t_image) * 1e3,
-                                   "prefix_prefill_ms": prefix_ms,
-                                   "evaluated_prompt_tokens": (len(prompt.prefix) if prefix_ms else 0)
-                                   + (0 if cached else n_img) + len(prompt.suffix)})
+            raise
+        timings = {"prefix_prefill_ms": prefix_ms,
+                   "evaluated_prompt_tokens": (len(prompt.prefix) if prefix_ms else 0)
+                   + (0 if cached else prompt.image_tokens) + len(prompt.suffix)}
+        return _LlamaTurn(self, frame.n_pos, cached, None if params.greedy else self._sampler(params), timings)
 
     def prefill(self, prompt: PromptIds, image: ImageEmbedding,
                 interrupt: Optional[Callable[[], bool]] = None) -> bool:
@@ -613,3 +579,31 @@ def _check_gguf_file(path: Path) -> None:
 
 
 __all__ = ["LlamaCppDecoder", "route_llama_logs", "llama_log_tail", "default_threads"]
+
+
+class _LlamaTurn(Turn):
+    """An answer on the llama.cpp context, from the restored frame state at position `pos`."""
+
+    def __init__(self, dec: LlamaCppDecoder, pos: int, cached: bool, sampler, timings: dict):
+        self.dec, self.pos, self.frame_cached, self.sampler, self.timings = dec, pos, cached, sampler, timings
+
+    def eval_text(self, ids) -> None:
+        self.dec._decode_tokens(ids, self.pos)
+        self.dec._loaded = None                 # the context holds more than the frame now
+        self.pos += len(ids)
+
+    def sample(self) -> int:
+        return self.dec._next_token(self.sampler)
+
+    def feed(self, token: int) -> bool:
+        if self.pos >= self.dec.n_ctx:
+            log.warning("answer stopped at the context size (%d positions)", self.dec.n_ctx)
+            return False
+        self.dec._decode_tokens((token,), self.pos)
+        self.pos += 1
+        return True
+
+    def close(self) -> None:
+        self.dec._loaded = None
+        if self.sampler is not None:
+            self.dec.lc.llama_sampler_free(self.sampler)

@@ -7,12 +7,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..generation import AnswerBuilder, Generation, GenerationParams, TokenCallback
+from ..generation import GenerationParams
 from ..llama import LlamaForCausalLM
 from ..prompt import PromptIds
 from ..tokenizer import Tokenizer
 from ..vision import ImageEmbedding
-from .base import Decoder, FrameCache
+from .base import Decoder, FrameCache, Turn
 
 
 def sample(logits: torch.Tensor, params: GenerationParams, generator: Optional[torch.Generator]) -> int:
@@ -88,34 +88,28 @@ class TorchDecoder(Decoder):
         logits, _ = self.llm(self._ids(tokens), kv, last_only=False)
         return logits[0, len(prompt.suffix) - 1:].float().cpu().numpy()
 
-    @torch.inference_mode()
-    def generate(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams,
-                 on_token: Optional[TokenCallback] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> Generation:
-        params.validate()
+    def _turn(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams) -> "_TorchTurn":
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2 ** 32))
-        out = AnswerBuilder(self.tok, params, on_token, cancel)
-        t0 = time.perf_counter()
         kv, cached = self._frame_kv(prompt, image)
-        t_image = time.perf_counter()
-        logits, kv = self.llm(self._ids(prompt.suffix), kv)
-        t1 = time.perf_counter()
-        first_token_ms = None
-        if not out.cancelled():
-            while True:
-                token = sample(logits[0, -1], params, gen)
-                if first_token_ms is None:
-                    first_token_ms = (time.perf_counter() - t0) * 1e3
-                if not out.push(token):
-                    break
-                logits, kv = self.llm(self._ids([token]), kv)
-        t2 = time.perf_counter()
-        return Generation(ids=out.ids, text=out.answer(), finish_reason=out.finish_reason,
-                          prompt_tokens=prompt.total, prefill_ms=(t1 - t0) * 1e3,
-                          decode_ms=(t2 - t1) * 1e3, first_token_ms=first_token_ms or 0.0,
-                          cached_prefix_tokens=len(prompt.prefix) + (prompt.image_tokens if cached else 0),
-                          timings={"image_prefill_ms": (t_image - t0) * 1e3,
-                                   "text_prefill_ms": (t1 - t_image) * 1e3})
+        return _TorchTurn(self, kv, cached, params, gen)
+
+
+class _TorchTurn(Turn):
+    def __init__(self, dec: TorchDecoder, kv, cached: bool, params: GenerationParams, gen):
+        self.dec, self.kv, self.frame_cached, self.params, self.gen = dec, kv, cached, params, gen
+        self.logits, self.timings = None, {}
+
+    @torch.inference_mode()
+    def eval_text(self, ids) -> None:
+        self.logits, self.kv = self.dec.llm(self.dec._ids(ids), self.kv)
+
+    def sample(self) -> int:
+        return sample(self.logits[0, -1], self.params, self.gen)
+
+    @torch.inference_mode()
+    def feed(self, token: int) -> bool:
+        self.logits, self.kv = self.dec.llm(self.dec._ids([token]), self.kv)
+        return True
