@@ -191,7 +191,7 @@ class Flood:
     def __init__(self, node_name: str, streams: List[CameraStream], clients: int = 20,
                  question: str = "What is in the picture?", max_new_tokens: int = 16,
                  node_pid: Optional[int] = None, response_timeout_s: float = 120.0,
-                 ask_interval_s: float = 0.0):
+                 ask_interval_s: float = 0.0, ask_random: bool = False, seed: int = 0):
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import MultiThreadedExecutor
@@ -200,6 +200,9 @@ class Flood:
         self.streams, self.n_clients = streams, clients
         self.question, self.max_new_tokens = question, max_new_tokens
         self.node_pid, self.response_timeout_s, self.ask_interval_s = node_pid, response_timeout_s, ask_interval_s
+        # ask_random: each pause after an answer is uniform in [0, 2 x ask_interval_s] (the same mean),
+        # so questions also come right after an answer and while a new frame is still being prefilled
+        self.ask_random, self._seed = ask_random, seed
         self.context = Context()
         rclpy.init(context=self.context)
         self._rclpy = rclpy
@@ -308,6 +311,8 @@ class Flood:
                 next_t = time.monotonic()       # behind: do not burst to catch up
 
     def _ask_loop(self, client, t0: float, t_end: float, start: threading.Barrier):
+        import random
+        rng = random.Random(f"{self._seed}:{self.clients.index(client)}")     # repeatable arrival times
         start.wait()
         while not self._stop.is_set() and time.monotonic() < t_end:
             req = self._Ask.Request(question=self.question, max_new_tokens=self.max_new_tokens, temperature=0.0)
@@ -336,7 +341,8 @@ class Flood:
             with self._lock:
                 self.outcomes.append(out)
             if self.ask_interval_s > 0:
-                self._stop.wait(self.ask_interval_s)
+                self._stop.wait(rng.uniform(0.0, 2.0 * self.ask_interval_s) if self.ask_random
+                                else self.ask_interval_s)
 
     def encoded(self) -> bool:
         """Whether every camera has had a frame encoded (per the node's diagnostics)."""

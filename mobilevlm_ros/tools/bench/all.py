@@ -90,7 +90,7 @@ def sub_argv(sub: str, ckpt: Path, art: Path, out: Path, quick: bool, budget_mb:
         q = ["--duration", "4", "--configs", "fp32+q4_k_m,int8+q4_k_m"] if quick else []
         return ["--model", str(art), "--reference", str(ckpt), *r, *q, "--budget-mb", str(budget_mb), *o]
     if sub == "node":
-        q = ["--warmup", "2", "--window", "3", "--windows", "1", "--ask-interval", "0.5"] if quick else []
+        q = ["--warmup", "2", "--window", "3", "--windows", "1", "--ask-interval", "0.5", "--no-isolated"] if quick else []
         return ["--model", str(art), *q, *o]
     raise ValueError(sub)
 
@@ -182,6 +182,10 @@ def summary_rows(res: dict) -> list:
         rows.append((f"node, {r['stream']} stream, DDS {r['dds']}: frames received %, image callback CPU ms, "
                      "frame age of answers ms",
                      f"{fmt(r['received_pct'], 0)}, {fmt(r['callback_cpu_ms'], 3)}, {fmt(r['frame_age_ms'], 0)}", ""))
+        if r.get("answer_ms_p50") is not None:
+            rows.append((f"node, {r['stream']} stream, DDS {r['dds']}: answer ms p50 / p95, answers encoded on demand",
+                         f"{r['answer_ms_p50']:.0f} / {r['answer_ms_p95']:.0f}, {r['on_demand_run']} of "
+                         f"{r['answers_run']}", ""))
     return rows
 
 

@@ -2,14 +2,15 @@
 
     mobilevlm-bench node --model ARTIFACTS [--stream front:640x480@30 --stream front:1920x1080@30]
                          [--dds default,shm] [--warmup 10] [--window 15] [--windows 3] [--tokens 32]
-                         [--ask-interval 3]
+                         [--ask-interval 3] [--fixed-interval] [--no-isolated]
                          [--param NAME:=VALUE ...] [--out DIR]
 
 Each --stream (NAME:WxH@HZ[:raw|jpeg]) and DDS configuration (--dds: Fast DDS's defaults, and
 config/fastdds_large_frames.xml in the publisher and the node) gets a node process of its own
 (config/mobilevlm.yaml plus --param overrides), started as a user starts it. A benchmark process
-publishes the stream over DDS (localhost, sensor-data QoS) and one client asks --ask-interval seconds
-after each answer (at most --tokens new tokens, greedy). After --warmup seconds, each of --windows windows of --window seconds
+publishes the stream over DDS (localhost, sensor-data QoS) and one client asks after each answer,
+following a pause drawn uniformly from 0 to 2 x --ask-interval seconds (seeded: the same times each
+run; --fixed-interval: exactly --ask-interval), at most --tokens new tokens, greedy. After --warmup seconds, each of --windows windows of --window seconds
 gives one figure of each kind; the table shows the median (min–max) over the windows:
 
   sent / received / encoded Hz  frames published, taken by the node's image callback, encoded
@@ -22,6 +23,10 @@ gives one figure of each kind; the table shows the median (min–max) over the w
                                  (node clock at the question minus the frame's stamp)
   encoded on demand              answers whose frame was encoded for the question because no encoded
                                  frame was fresh enough (max_frame_age_s)
+Over the whole run after the warm-up: p50 / p95 of answer time and frame age, and the answers
+encoded on demand. Unless --no-isolated, the same run first measures the isolated question
+(`mobilevlm-bench question`'s `ours` on the same artifacts, the node's default quant and vision
+graph, --tokens forced) and reports the node's p50 and p95 as ratios to it.
 Prints a markdown table; writes OUT/node.json, OUT/node.md and OUT/node.png.
 """
 from __future__ import annotations
@@ -45,7 +50,7 @@ DDS_PROFILES = {"default": "", "shm": str(share_file("config", "fastdds_large_fr
 
 @contextlib.contextmanager
 def node_with_traffic(model, stream, tokens: int, params: dict, log_path=None, ready_timeout: float = 300.0,
-                      ask_interval_s: float = 0.0, clients: int = 1):
+                      ask_interval_s: float = 0.0, clients: int = 1, ask_random: bool = False):
     """A node process on `model` and a Flood (this stream, `clients` clients) against it, ready and
     with a frame encoded: yields (node, flood, the node's status once it served, before any frame)."""
     from ..traffic import Flood, NodeUnderTest
@@ -54,7 +59,7 @@ def node_with_traffic(model, stream, tokens: int, params: dict, log_path=None, r
     flood = None
     try:
         flood = Flood(name, [stream], clients=clients, max_new_tokens=tokens, node_pid=node.proc.pid,
-                      response_timeout_s=600.0, ask_interval_s=ask_interval_s)
+                      response_timeout_s=600.0, ask_interval_s=ask_interval_s, ask_random=ask_random)
         try:
             flood.wait_ready(ready_timeout)
             idle = node.status()
@@ -109,6 +114,23 @@ FIGURES = ("sent_hz", "received_hz", "received_pct", "encoded_hz", "dropped", "c
            "tokens", "rss_mb")
 
 
+def run_figures(outcomes, warmup_s: float) -> dict:
+    """p50 / p95 over every answer after the warm-up (not per window), and the on-demand count."""
+    answers = [o for o in outcomes if o.kind == "answered" and o.t >= warmup_s]
+
+    def pct(values, q):
+        values = sorted(values)
+        if not values:
+            return None
+        i = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
+        return values[i]
+    lat, age = [o.latency_ms for o in answers], [o.frame_age_ms for o in answers]
+    return {"answers_run": len(answers), "answer_ms_p50": pct(lat, 50), "answer_ms_p95": pct(lat, 95),
+            "frame_age_ms_p50": pct(age, 50), "frame_age_ms_p95": pct(age, 95),
+            "on_demand_run": sum(o.vision_ms > 0 for o in answers),
+            "first_token_ms_p50": pct([o.first_token_ms for o in answers], 50)}
+
+
 def _work(job: dict) -> dict:
     """One stream and one DDS configuration, in a process of its own: Fast DDS reads its profile
     file once per process, when the first participant is made."""
@@ -120,7 +142,8 @@ def _work(job: dict) -> dict:
     stream, warmup, window, n = CameraStream.parse(job["stream"]), job["warmup"], job["window"], job["windows"]
     total = warmup + n * window
     with node_with_traffic(job["model"], stream, job["tokens"], job["params"], log_path=job["log"],
-                           ask_interval_s=job["ask_interval"], clients=job["clients"]) as (node, flood, idle):
+                           ask_interval_s=job["ask_interval"], clients=job["clients"],
+                           ask_random=job.get("ask_random", False)) as (node, flood, idle):
         summary = flood.run(total, warmup_s=warmup)
         alive = node.proc.poll() is None
         samples, outcomes = list(flood.samples), list(flood.outcomes)
@@ -128,12 +151,29 @@ def _work(job: dict) -> dict:
                for i in range(n)]
     cam = summary.cameras[stream.name]
     return {"stream": str(stream), "dds": job["dds"], "params": job["params"], "node_alive": alive,
-            "idle_rss_mb": idle.get("VmRSS"), "windows": windows,
+            "idle_rss_mb": idle.get("VmRSS"), "windows": windows, **run_figures(outcomes, warmup),
             **{k: stats([w[k] for w in windows]) for k in FIGURES},
             "callback_cpu_ms_max_run": cam["callback_cpu_ms_max"],
             "frame_age_ms_max_run": summary.frame_age_ms_max, "requests": summary.requests_sent,
             "errors": summary.errors, "error_kinds": summary.error_kinds, "lost": summary.lost,
             "hwm_mb": summary.hwm_mb}
+
+
+def isolated_question(a, params: dict, out) -> dict:
+    """`mobilevlm-bench question`'s own configuration on these artifacts, in this run: the quant and
+    vision graph the node would load (its parameter table's defaults, or --param)."""
+    from ...core.artifacts import choose_vision_dtype, read_manifest
+    from ...ros.params import PARAMS
+    defaults = {p.name: p.default for p in PARAMS}
+    quant = str(params.get("quant", defaults["quant"]))
+    dtype = str(params.get("vision_dtype", defaults["vision_dtype"]))
+    if dtype == "auto":
+        dtype, _ = choose_vision_dtype(read_manifest(a.model), "onnxruntime", "cpu")
+    print(f"[bench node] isolated question ({quant}, {dtype} vision) ...", file=sys.stderr, flush=True)
+    job = {"config": "ours", "model": str(a.model), "artifacts": str(a.model), "quant": quant,
+           "vision_dtype": dtype, "tokens": a.tokens, "repeats": 5, "threads": 0}
+    r = run_worker("mobilevlm_ros.tools.bench.question", job, timeout=1800)
+    return {"quant": quant, "vision_dtype": dtype, "total_ms": r["total_ms"], "ttft_ms": r["ttft_ms"]}
 
 
 def run(a) -> dict:
@@ -148,6 +188,7 @@ def run(a) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     params = dict(p.split(":=", 1) for p in a.param)
     info = machine_info()
+    isolated = None if a.no_isolated else isolated_question(a, params, out)
     rows = []
     for stream in streams:
         for d in dds:
@@ -156,11 +197,11 @@ def run(a) -> dict:
             log = out / f"node-{stream.replace(':', '_')}-{d}.log" if out else None
             job = {"model": str(a.model), "stream": stream, "dds": d, "dds_profile": DDS_PROFILES[d],
                    "warmup": a.warmup, "window": a.window, "windows": a.windows, "tokens": a.tokens,
-                   "ask_interval": a.ask_interval, "clients": a.clients,
+                   "ask_interval": a.ask_interval, "clients": a.clients, "ask_random": not a.fixed_interval,
                    "params": params, "log": str(log) if log else None}
             rows.append(run_worker("mobilevlm_ros.tools.bench.node", job, timeout=a.warmup + a.windows * a.window + 900))
     return {"benchmark": "node", "model": str(a.model), "tokens": a.tokens, "ask_interval_s": a.ask_interval,
-            "clients": a.clients,
+            "ask_random": not a.fixed_interval, "clients": a.clients, "isolated": isolated,
             "params": params, "warmup_s": a.warmup,
             "window_s": a.window, "windows": a.windows, "machine": finish_machine(info), "streams": rows}
 
@@ -176,17 +217,38 @@ def table(result: dict) -> str:
             f"({r['callback_cpu_ms_max_run']:.2f}) | {fmt(r['node_cpu_cores'], 2)} | {fmt(r['answers'], 0)} | "
             f"{fmt(r['answer_ms'], 0)} | {fmt(r['frame_age_ms'], 0)} ({r['frame_age_ms_max_run']:.0f}) | "
             f"{fmt(r['on_demand_pct'], 0)} | {fmt(r['rss_mb'], 0)} |")
+    iso = result.get("isolated")
+    iso_ms = iso["total_ms"]["median"] if iso else None
+    lines += ["", "| stream | DDS | answers | answer ms p50 / p95 | p50 / p95 vs isolated question | "
+              "first token ms p50 | frame age ms p50 / p95 | encoded on demand |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["streams"]:
+        p50, p95 = r.get("answer_ms_p50"), r.get("answer_ms_p95")
+        ratio = f"{p50 / iso_ms:.2f}x / {p95 / iso_ms:.2f}x" if iso_ms and p50 and p95 else "–"
+        lines.append(f"| {r['stream']} | {r['dds']} | {r.get('answers_run', 0)} | {_num(p50)} / {_num(p95)} | "
+                     f"{ratio} | {_num(r.get('first_token_ms_p50'))} | {_num(r.get('frame_age_ms_p50'))} / "
+                     f"{_num(r.get('frame_age_ms_p95'))} | {r.get('on_demand_run', 0)} |")
     params = " ".join(f"{k}:={v}" for k, v in result.get("params", {}).items()) or "none"
+    pause = (f"after a pause uniform in 0..{2 * result['ask_interval_s']:g} s" if result.get("ask_random")
+             else f"{result['ask_interval_s']:g} s")
     notes = [f"Medians (min–max) over {result['windows']} windows of {result['window_s']:.0f} s after "
-             f"{result['warmup_s']:.0f} s warm-up; {result.get('clients', 1)} client(s) asking "
-             f"{result['ask_interval_s']:g} s after each answer, at most {result['tokens']} tokens per answer; node parameters: config/mobilevlm.yaml, "
+             f"{result['warmup_s']:.0f} s warm-up; p50 / p95 over every answer after the warm-up; "
+             f"{result.get('clients', 1)} client(s) asking "
+             f"{pause} after each answer, at most {result['tokens']} tokens per answer; node parameters: config/mobilevlm.yaml, "
              f"overrides: {params}; {machine_line(result['machine'])}."]
+    if iso:
+        notes.append(f"Isolated question in the same run (`mobilevlm-bench question`, ours: {iso['vision_dtype']} "
+                     f"vision, {iso['quant']}, {result['tokens']} tokens forced): {fmt(iso['total_ms'], 0)} ms, "
+                     f"first token {fmt(iso['ttft_ms'], 0)} ms.")
     for r in result["streams"]:
         if r["errors"] or r["lost"] or not r["node_alive"]:
             kinds = "; ".join(f"{n} x {k}" for k, n in sorted(r["error_kinds"].items(), key=lambda kv: -kv[1])[:3])
             notes.append(f"{r['stream']}, DDS {r['dds']}: {r['errors']} errors ({kinds}), {r['lost']} unanswered, "
                          f"node {'alive' if r['node_alive'] else 'DIED'}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def _num(v) -> str:
+    return "–" if v is None or v != v else f"{v:.0f}"
 
 
 def plot(result: dict, ax) -> None:
@@ -209,6 +271,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--ask-interval", type=float, default=3.0,
                     help="seconds the client waits after each answer before it asks again (0 = at once)")
     ap.add_argument("--clients", type=int, default=1, help="clients asking (0: the stream alone)")
+    ap.add_argument("--fixed-interval", action="store_true",
+                    help="pause exactly --ask-interval after each answer (default: uniform 0..2x, seeded)")
+    ap.add_argument("--no-isolated", action="store_true",
+                    help="skip the isolated question measured first for the ratios")
     ap.add_argument("--dds", default="default,shm", help="DDS configurations, comma-separated: "
                     + ", ".join(f"{k} ({v or 'Fast DDS defaults'})" for k, v in DDS_PROFILES.items()))
     ap.add_argument("--param", action="append", default=[], help="node parameter override NAME:=VALUE")
