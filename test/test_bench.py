@@ -135,9 +135,10 @@ def test_bench_all_quick_end_to_end(tmp_path, tiny_v2):
     assert {q["quant"] for q in res["decoder"]["quants"]} == {"q4_k_m", "q8_0", "f16"}
 
     rows = [r for r in res["vision"]["results"] if "error" not in r]
+    from mobilevlm_ros.tools.bench.vision import TORCH_DTYPES      # bf16 where the CPU has it
     assert {(r["backend"], r["dtype"], r["batch"]) for r in rows} == {
-        (b, d, n) for b, d in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
-                               ("onnxruntime", "int8")) for n in (1, 4)}
+        (b, d, n) for b, d in (*(("torch", t) for t in TORCH_DTYPES), ("onnxruntime", "fp32"),
+                               ("onnxruntime", "fp16"), ("onnxruntime", "int8")) for n in (1, 4)}
     assert all(r["cosine_vs_torch_fp32"] > 0.99 for r in rows)
 
     by = {c["name"]: c for c in res["question"]["configs"]}

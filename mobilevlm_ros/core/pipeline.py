@@ -50,7 +50,8 @@ class LoadOptions:
     vision_backend: str = "auto"        # auto | torch | onnxruntime | tensorrt
     decoder: str = "auto"               # auto | torch | llamacpp
     quant: str = "q4_k_m"               # GGUF file the llamacpp decoder loads
-    vision_dtype: str = "auto"          # ONNX graph the onnx backends load: auto | fp32 | fp16 | int8
+    vision_dtype: str = "auto"          # ONNX graph the onnx backends load: auto | fp32 | fp16 | int8;
+                                        # the torch backend: auto (= fp32) | fp32 | bf16
     device: str = "cpu"                 # torch backends: cpu | cuda
     threads: int = 0                    # 0 = library default
     gpu_layers: int = 0                 # llama.cpp layers offloaded to a GPU
@@ -144,7 +145,10 @@ def load_model(path, opts: Optional[LoadOptions] = None, **kw) -> MobileVLM:
         opts = dataclasses.replace(opts, vision_dtype=dtype)
     if vision_name == "torch":
         from .vision import TorchVision
-        vision = TorchVision(ckpt, opts.device, opts.threads)
+        if opts.vision_dtype not in ("auto", "fp32", "bf16"):
+            raise ModelLoadError(f"the torch vision backend runs fp32 or bf16 (autocast), not "
+                                 f"'{opts.vision_dtype}'")
+        vision = TorchVision(ckpt, opts.device, opts.threads, bf16=opts.vision_dtype == "bf16")
     elif vision_name == "onnxruntime":
         from .vision_onnx import OnnxRuntimeVision
         vision = OnnxRuntimeVision.from_artifacts(path, manifest, opts)

@@ -93,7 +93,10 @@ def _load(module, state: dict, where: str) -> None:
 class TorchVision(VisionBackend):
     name = "torch"
 
-    def __init__(self, checkpoint, device: str = "cpu", threads: int = 0):
+    def __init__(self, checkpoint, device: str = "cpu", threads: int = 0, bf16: bool = False):
+        """float32 on the CPU (the reference), float16 on CUDA. bf16: the CPU under autocast to
+        bfloat16 (oneDNN runs the matmuls on AMX / AVX512_BF16 where the CPU has them; norms and
+        softmax stay float32): `mobilevlm-bench vision` measures its speed and fidelity."""
         import torch
         if threads:
             torch.set_num_threads(threads)
@@ -102,13 +105,17 @@ class TorchVision(VisionBackend):
         self.encoder = build_vision_encoder(checkpoint, dtype).to(device)
         self.image_size = checkpoint.vision.config.image_size
         self.dtype = dtype
+        self.bf16 = bool(bf16) and device == "cpu"
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        import contextlib
+
         import torch
-        with torch.inference_mode():
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), cast:
             x = torch.from_numpy(pixels).to(self.device, self.dtype)
             return self.encoder(x).float().cpu().numpy()
 
     def describe(self) -> dict:
         return {"vision_backend": self.name, "device": self.device,
-                "dtype": str(self.dtype).replace("torch.", "")}
+                "dtype": "bf16 (autocast)" if self.bf16 else str(self.dtype).replace("torch.", "")}

@@ -75,8 +75,8 @@ PARAMS = (
     _node("decoder", "auto", "language decoder; auto = torch for a checkpoint, llamacpp for artifacts",
           "configure", choices=("auto", "torch", "llamacpp")),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
-    _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load",
-          "configure", choices=("auto", "fp32", "fp16", "int8")),
+    _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
+          "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),
     _node("device", "cpu", "torch backends: cpu, cuda or cuda:N", "configure"),
     _node("gpu_layers", 0, "llama.cpp layers offloaded to the GPU; -1 = all", "configure", low=-1, high=100000),

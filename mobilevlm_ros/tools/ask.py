@@ -34,9 +34,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True, help="checkpoint folder or exported artifacts folder")
     ap.add_argument("--vision-backend", default="auto", help="auto|torch|onnxruntime|tensorrt")
     ap.add_argument("--decoder", default="auto", help="auto|torch|llamacpp")
-    ap.add_argument("--quant", default="q4_k_m", help="GGUF for --decoder llamacpp: f16|q8_0|q4_k_m")
+    ap.add_argument("--quant", default="q4_k_m", help="GGUF for --decoder llamacpp: f16|q8_0|q4_k_m|q4_0|iq4_xs|q5_k_m")
     ap.add_argument("--vision-dtype", default="auto", help="ONNX vision graph: auto|fp32|fp16|int8 (auto: int8 on a CPU "
-                    "when manifest.json records its fidelity, else fp32; fp16 on a GPU)")
+                    "when manifest.json records its fidelity, else fp32; fp16 on a GPU); --vision-backend torch: "
+                    "fp32|bf16 (autocast, for CPUs with AMX / AVX512_BF16)")
     ap.add_argument("--vision-tower", default=None, help="CLIP folder for V1 checkpoints")
     ap.add_argument("--device", default="cpu", help="torch backends: cpu|cuda")
     ap.add_argument("--threads", type=int, default=0, help="0 = library default")

@@ -1,6 +1,7 @@
 """Resident memory of the node per configuration, and which configurations fit a device's budget.
 
     mobilevlm-bench memory --model ARTIFACTS [--configs fp32+q4_k_m,fp16+q4_k_m,int8+q4_k_m,int8+q8_0]
+                           (bf16+QUANT: the torch vision backend under bf16 autocast)
                            [--reference CKPT] [--repeats 3] [--duration 15] [--tokens 32]
                            [--budget-mb 5500] [--param NAME:=VALUE ...] [--out DIR]
 
@@ -42,6 +43,10 @@ def parse_configs(spec: str) -> list:
         dtype, sep, quant = item.partition("+")
         if not sep or not dtype or not quant:
             raise ValueError(f"configuration '{item}' is not VISION_DTYPE+QUANT (e.g. int8+q4_k_m)")
+        if dtype == "bf16":         # the torch vision backend under bf16 autocast (its source checkpoint)
+            out.append({"name": f"torch bf16 + llama.cpp {quant}", "model": None,
+                        "params": {"vision_backend": "torch", "vision_dtype": dtype, "quant": quant}})
+            continue
         out.append({"name": f"onnxruntime {dtype} + llama.cpp {quant}", "model": None,
                     "params": {"vision_dtype": dtype, "quant": quant}})
     return out

@@ -6,8 +6,9 @@
 
 For every backend x dtype x batch: per-frame latency (median, min, max over --repeats timed runs
 after --warmup untimed ones), frames/s, the ONNX file size, and fidelity against the PyTorch fp32
-reference on the same frames (cosine, max abs diff). `torch` runs the reference module (fp32 only),
-`onnxruntime` the exported graphs, `tensorrt` an engine (GPU only). A checkpoint given as --model is
+reference on the same frames (cosine, max abs diff). `torch` runs the reference module (fp32, and
+bf16 under autocast where the CPU has AMX or AVX512_BF16: oneDNN's bfloat16 matmuls), `onnxruntime`
+the exported graphs, `tensorrt` an engine (GPU only). A checkpoint given as --model is
 exported first (to --artifacts, default OUT/artifacts). Also reported: the cost of preprocessing a
 640x480 frame and of its normalisation step alone (what in-graph normalisation could save).
 CPU ms/frame is the process CPU time (all threads, including ONNX Runtime's spin-waits): on a
@@ -27,6 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from .common import barh, finish_machine, machine_info, machine_line, write_results
+
+
+def _torch_dtypes() -> tuple:
+    """fp32 (the reference), and bf16 where the CPU has bfloat16 matmuls (AMX or AVX512_BF16)."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        flags = ""
+    return ("fp32", "bf16") if ("amx_bf16" in flags or "avx512_bf16" in flags) else ("fp32",)
+
+
+TORCH_DTYPES = _torch_dtypes()
 
 
 def bench_frames(n: int = 4, h: int = 480, w: int = 640, seed: int = 7) -> list:
@@ -80,7 +93,7 @@ def _make_backend(kind: str, dtype: str, artifacts: Path, manifest: dict, thread
     opts = LoadOptions(vision_dtype=dtype, threads=threads)
     if kind == "torch":
         from ...core.vision import TorchVision
-        return TorchVision(ckpt_loader(), "cpu", threads)
+        return TorchVision(ckpt_loader(), "cpu", threads, bf16=dtype == "bf16")
     if kind == "onnxruntime":
         from ...core.vision_onnx import OnnxRuntimeVision
         return OnnxRuntimeVision.from_artifacts(artifacts, manifest, opts)
@@ -137,7 +150,7 @@ def run(a) -> dict:
 
     rows = []
     for kind in backends:
-        for dtype in (["fp32"] if kind == "torch" else dtypes):
+        for dtype in (TORCH_DTYPES if kind == "torch" else dtypes):
             t0 = time.perf_counter()
             try:
                 backend = _make_backend(kind, dtype, artifacts, manifest, a.threads, ckpt_loader)
