@@ -282,3 +282,21 @@ def test_captions_are_published_when_idle(torch_model):
         assert engine.stats().counts["captions"] == 1          # one caption per new frame
     finally:
         engine.stop("test over")
+
+
+@pytest.mark.parametrize("modules,forbidden", [
+    # the runtime and the inference core: nothing of ROS, not even the adapter's modules
+    ("mobilevlm_ros.engine.engine, mobilevlm_ros.core.pipeline",
+     ("rclpy", "rosidl_runtime_py", "sensor_msgs", "std_msgs", "builtin_interfaces", "mobilevlm_ros.msg",
+      "mobilevlm_ros.srv", "mobilevlm_ros.ros")),
+    # replay reads bags with rosbags and shares the adapter's field conversion, never rclpy
+    ("mobilevlm_ros.tools.replay", ("rclpy", "rosidl_runtime_py", "mobilevlm_ros.msg", "mobilevlm_ros.srv")),
+])
+def test_engine_and_core_import_no_ros(modules, forbidden):
+    """Checked in a fresh interpreter: importing these loads none of the forbidden packages."""
+    import subprocess
+    import sys
+    code = (f"import sys, {modules}; bad = sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') "
+            f"for f in {forbidden!r})); print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -629,3 +629,15 @@ def test_bench_images_writes_its_tables(tmp_path):
     assert [r["format"] for r in result["compressed"]] == ["jpeg", "png"]
     assert "| bayer_rggb16 |" in (tmp_path / "images.md").read_text() and (tmp_path / "images.png").is_file()
     assert main(["images", "--sizes", "15x12", "--encodings", "yuyv", "--out", str(tmp_path / "odd")]) == 2
+
+
+def test_readme_lists_exactly_the_encodings_the_code_converts():
+    """The README's encoding list is the code's (ENCODINGS), no more, no less."""
+    import re
+    from pathlib import Path
+
+    from mobilevlm_ros.engine.images import ENCODINGS
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("Raw encodings, converted to RGB")
+    listed = set(re.findall(r"`([a-z0-9_]+)`", text[start:text.index("Depth and float images", start)]))
+    assert listed == set(ENCODINGS), (sorted(listed - set(ENCODINGS)), sorted(set(ENCODINGS) - listed))

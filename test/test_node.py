@@ -350,6 +350,22 @@ def _errors_cases(client):
     ]
 
 
+def test_every_encoding_on_the_live_topic_is_answered(client):
+    """A frame of each raw encoding the node converts (Bayer, YUV, 16-bit, ...), published on the
+    camera topic as a driver would send it (make-bag's renderer), is encoded and answered about."""
+    from mobilevlm_ros.engine.images import ENCODINGS
+    from mobilevlm_ros.tools.make_bag import render_raw
+    rgb = synthetic(48, 64, seed=5)
+    for enc in ENCODINGS:
+        raw = render_raw(rgb, enc)
+        header = client.publish_and_wait_encoded("front", None, encoding=raw.encoding, width=raw.width,
+                                                 height=raw.height, step=raw.step, is_bigendian=raw.is_bigendian,
+                                                 data=bytes(raw.data))
+        res = client.ask()
+        assert res.success and res.status.code == Status.OK, (enc, res.error)
+        assert stamp_of(res.header) == stamp_of(header), enc
+
+
 def test_bad_requests_are_answered_at_once_and_the_node_keeps_answering(client):
     from rclpy.duration import Duration
     before = client.counter("rear", "frames_encoded")
