@@ -266,11 +266,15 @@ class FrameStore:
 
     @contextlib.contextmanager
     def hold_background(self):
-        """No background encode starts while this is held (one already running finishes); frames
-        keep arriving (newer ones replace the pending one) and encode_frame still encodes on demand."""
+        """No background encode starts while this is held; frames keep arriving (newer ones replace
+        the pending one) and encode_frame still encodes on demand. Entering waits for an encode
+        already running to finish: on shared CPU cores an encode beside the decoder slows both far
+        more than waiting for it does (their thread pools spin against each other)."""
         with self._lock:
             self._holds += 1
         try:
+            with self.vision_lock:          # the running encode, if any, finishes first
+                pass
             yield
         finally:
             with self._lock:
