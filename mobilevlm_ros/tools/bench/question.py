@@ -27,11 +27,9 @@ QUESTION = "What is in the image? Describe it."
 
 
 def bench_frame() -> np.ndarray:
-    """A deterministic 640x480 camera-like frame."""
-    y, x = np.mgrid[0:480, 0:640]
-    img = np.stack([x * 255 // 639, y * 255 // 479, (x + y) * 255 // 1118], axis=-1).astype(np.uint8)
-    img[100:260, 200:380] = (220, 40, 40)
-    return img
+    """The deterministic 640x480 camera-like frame every configuration answers about."""
+    from ..synthetic import pattern_frame
+    return pattern_frame(480, 640, seed=0)
 
 
 def run_ours(a) -> dict:

@@ -44,16 +44,8 @@ TORCH_DTYPES = _torch_dtypes()
 
 def bench_frames(n: int = 4, h: int = 480, w: int = 640, seed: int = 7) -> list:
     """n deterministic camera-like uint8 RGB frames."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    out = []
-    for i in range(n):
-        img = np.stack([(x * 255 // (w - 1) + 40 * i) % 256, y * 255 // (h - 1),
-                        ((x + y + 30 * i) * 255 // (h + w)) % 256], -1).astype(np.int32)
-        img[h // 4:h // 2, (w // 5) * (i % 4):(w // 5) * (i % 4) + w // 6] = (220, 40 + 50 * i, 30)
-        img += rng.integers(-25, 25, img.shape)
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
+    from ..synthetic import pattern_frame
+    return [pattern_frame(h, w, seed + i) for i in range(n)]
 
 
 def _time_pre(frames) -> dict:
