@@ -548,6 +548,27 @@ def test_replay_and_the_live_node_pick_the_same_frames_and_answer_alike(client, 
     assert live == replayed
 
 
+def test_ros_threads_run_below_the_engine_workers(client, node):
+    """ros_threads_nice (10 in the parameters file): the node's Python threads (main, executor pool)
+    run at nice 10; the engine's workers and DDS's own receive threads keep the node's priority (0
+    here), so a camera driver on the same cores cannot starve the sockets."""
+    pid = node.proc.pid
+    threads = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        threads.append((comm, int(stat.rsplit(")", 1)[1].split()[16])))      # field 19: nice
+    print("\n[threads]", sorted(threads))
+    nice = [n for _, n in threads]
+    assert nice.count(10) >= 2, threads                  # the main thread and the executor's pool
+    assert nice.count(0) >= 2 + 1, threads               # the two workers and DDS
+    assert set(nice) <= {0, 10}, threads
+    assert all(n == 0 for comm, n in threads if comm.startswith("dds.")), threads
+
+
 def test_status_codes_reach_the_client(client):
     """The status travels with the response: clients branch on it, never on the error text."""
     client.publish_and_wait_encoded("front", synthetic())

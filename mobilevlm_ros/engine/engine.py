@@ -133,6 +133,10 @@ class Engine:
         for t in self._threads:
             t.start()
 
+    def worker_thread_ids(self) -> list:
+        """Native ids of the vision and generation workers (for the adapter's thread priorities)."""
+        return [t.native_id for t in getattr(self, "_threads", []) if t.native_id is not None]
+
     def stop(self, reason: str = "the engine stopped") -> None:
         """Stop serving: the answer in progress is cancelled, every waiting request gets UNAVAILABLE,
         the workers end, cached frames are forgotten (they are stale by the next start)."""

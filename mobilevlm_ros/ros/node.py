@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import queue
 import sys
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -191,6 +193,7 @@ class MobileVLMNode(LifecycleNode):
                 self._subs.append(sub)
                 self._topics[cam].append(sub.topic_name)
         self._engine.start()
+        self._lower_ros_threads(cfg["ros_threads_nice"])
         self._ask_srv = self.create_service(AskService, "~/ask", self._on_ask, qos_profile=ASK_SERVICE_QOS,
                                             callback_group=self._request_group)
         self._ask_action = ActionServer(self, AskAction, "~/ask_stream", execute_callback=self._execute,
@@ -201,6 +204,30 @@ class MobileVLMNode(LifecycleNode):
         self.get_logger().info("serving ~/ask and ~/ask_stream; cameras: " + "; ".join(
             f"{c} <- {', '.join(t)}" for c, t in self._topics.items()))
         return super().on_activate(state)
+
+    def _lower_ros_threads(self, nice: int) -> None:
+        """The node's Python threads but the engine's workers (the main thread, the executor's pool:
+        messages deserialised, callbacks) get `nice`; pool threads made later inherit it from the
+        main thread. DDS's own receive threads keep their priority: at a lower one a camera driver
+        on the same cores would starve them and large frames would be lost in the socket. llama.cpp's
+        compute threads are made by the generation worker. Raising a nice value needs no
+        privilege, lowering it back would: after a re-activation the new workers inherit the value
+        of the thread that started them."""
+        if nice <= 0 or not os.path.isdir("/proc/self/task"):
+            return
+        keep = set(self._engine.worker_thread_ids())
+        lowered = []
+        for t in threading.enumerate():
+            tid = t.native_id
+            if tid is None or tid in keep:
+                continue
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                    lowered.append(tid)
+            except OSError:             # the thread ended meanwhile
+                continue
+        self.get_logger().debug(f"nice {nice} for threads {lowered}; engine workers {sorted(keep)} unchanged")
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_serving("the node was deactivated")

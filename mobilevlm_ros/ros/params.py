@@ -104,6 +104,8 @@ PARAMS = (
     # periodic captions and diagnostics
     _engine("caption_prompt"),
     _engine("caption_period_s"),
+    _node("ros_threads_nice", 10, "nice value of the node's Python threads (executor, callbacks) against "
+          "the engine's workers; DDS threads keep theirs (0 = the same priority)", "activate", low=0, high=19),
     _node("diagnostics_period_s", 1.0, "period of /diagnostics", "runtime", above=0.0, high=3600.0),
     _node("autostart", True, "configure and activate at start; exit non-zero if that fails", "startup"),
 )
