@@ -366,7 +366,6 @@ def make_smollm2_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = 
                             fmt: str = "bin", shards: int = 1, gguf_path=None) -> Path:
     """The published layout with SmolLM2-135M-Instruct as the language model (see the docstring)."""
     import gguf
-    import torch
     gguf_path = Path(gguf_path) if gguf_path else smollm2_gguf()
     reader = gguf.GGUFReader(str(gguf_path))
     llm, m = _smollm2_llm(reader)
@@ -407,17 +406,21 @@ def make_smollm2_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = 
         "model_max_length": m["max_pos"], "tokenizer_class": "GPT2Tokenizer"})
     _write_json(out / "special_tokens_map.json", {"bos_token": name["bos"], "eos_token": name["eos"],
                                                   "unk_token": name["unknown"], "pad_token": name["padding"]})
-    clip_dir = out / vision_tower
+    _write_clip_folder(out / vision_tower, vision, d)
+    return out
+
+
+def _write_clip_folder(clip_dir: Path, vision: dict, d: dict) -> None:
+    """The CLIP folder V1 checkpoints load their tower from (float32, as openai/clip-vit-* ships)."""
+    import torch
     clip_dir.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.float() for k, v in vision.items()}, str(clip_dir / "pytorch_model.bin"))
     _write_json(clip_dir / "config.json", _clip_config(d))
     _write_json(clip_dir / "preprocessor_config.json", PREPROCESSOR)
-    return out
 
 
 def make_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", seed: int = 0,
                     fmt: str = "bin", shards: int = 1) -> Path:
-    import torch
     d = DIMS[dims]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,11 +436,7 @@ def make_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", 
     (out / "tokenizer.model").write_bytes(train_tokenizer(d["vocab"], seed))
     _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
     _write_json(out / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
-    clip_dir = out / vision_tower
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.float() for k, v in vision.items()}, str(clip_dir / "pytorch_model.bin"))
-    _write_json(clip_dir / "config.json", _clip_config(d))
-    _write_json(clip_dir / "preprocessor_config.json", PREPROCESSOR)
+    _write_clip_folder(out / vision_tower, vision, d)
     return out
 
 
