@@ -64,6 +64,7 @@ NODE_NAME = "mobilevlm"
 # a client that disappears mid-goal must not leave its result behind for a quarter of an hour.
 ACTION_RESULT_KEEP_S = 60
 EXECUTOR_THREADS = 4        # images, timers, requests and lifecycle: no callback waits for an answer
+FEEDBACK_HEAD_START_S = 0.05        # between an answer's last feedback and its result
 
 
 class ParameterError(ValueError):
@@ -362,16 +363,22 @@ class MobileVLMNode(LifecycleNode):
             if goal_handle.is_cancel_requested:
                 ticket.cancel("cancelled by the client")
             ticket.add_done_callback(notify)
+            published = False
             try:
                 while True:
                     wake[0] = Future(executor=executor)
                     while not tokens.empty():
                         n, text = tokens.get()
                         self._feedback(goal_handle, ticket, n, text)
+                        published = True
                     if ticket.done() and tokens.empty():
                         break
                     if tokens.empty():
                         await wake[0]
+                if published:
+                    # feedback and result travel on different DDS topics, and rclpy's action client
+                    # drops feedback that arrives after its result: give the last tokens a head start
+                    await self._sleep(FEEDBACK_HEAD_START_S)
             finally:
                 self._goals.pop(id(goal_handle), None)
             result = ticket.result(0)
@@ -385,6 +392,20 @@ class MobileVLMNode(LifecycleNode):
         except Exception as e:              # shutting down: nobody can receive the result any more
             self.get_logger().debug(f"goal state not published: {e}")
         return fill_result(AskAction.Result(), result)
+
+    def _sleep(self, seconds: float) -> Future:
+        """A future done after `seconds` (a one-shot timer), for a coroutine to await without
+        holding an executor thread."""
+        done = Future(executor=self.executor)
+        timer = None
+
+        def fire():
+            timer.cancel()
+            self.destroy_timer(timer)
+            if not done.done():
+                done.set_result(None)
+        timer = self.create_timer(seconds, fire, callback_group=self._request_group)
+        return done
 
     def _feedback(self, goal_handle, ticket, n: int, text: str) -> None:
         msg = AskAction.Feedback()
