@@ -679,7 +679,7 @@ def test_manual_lifecycle_without_autostart(rclpy_context, tiny_v2):
         assert state() == "unconfigured"
         assert not transition(Transition.TRANSITION_CONFIGURE)          # /not/yet: the load fails
         assert state() == "unconfigured"
-        assert any("/not/yet" in line for line in proc.lines)
+        assert wait_for(lambda: any("/not/yet" in line for line in proc.lines), 5), proc.log()   # read by a thread
         assert set_model(str(tiny_v2)).successful                          # allowed while unconfigured
         assert transition(Transition.TRANSITION_CONFIGURE)
         assert state() == "inactive"

@@ -375,7 +375,7 @@ class MobileVLMNode(LifecycleNode):
                         break
                     if tokens.empty():
                         await wake[0]
-                if published:
+                if published and self.context.ok():
                     # feedback and result travel on different DDS topics, and rclpy's action client
                     # drops feedback that arrives after its result: give the last tokens a head start
                     await self._sleep(FEEDBACK_HEAD_START_S)
@@ -404,7 +404,10 @@ class MobileVLMNode(LifecycleNode):
             self.destroy_timer(timer)
             if not done.done():
                 done.set_result(None)
-        timer = self.create_timer(seconds, fire, callback_group=self._request_group)
+        try:
+            timer = self.create_timer(seconds, fire, callback_group=self._request_group)
+        except Exception:                   # the context is going down (SIGINT/SIGTERM): no wait
+            done.set_result(None)
         return done
 
     def _feedback(self, goal_handle, ticket, n: int, text: str) -> None:
