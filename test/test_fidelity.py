@@ -44,6 +44,7 @@ from mobilevlm_ros.core.vision import TorchVision  # noqa: E402
 from mobilevlm_ros.tools.bench import fidelity  # noqa: E402
 from mobilevlm_ros.tools.bench.common import cpu_model  # noqa: E402
 from mobilevlm_ros.tools.make_tiny import make_smollm2_checkpoint, smollm2_gguf  # noqa: E402
+from logit_checks import MarginTally  # noqa: E402
 from models_fixtures import synthetic_frame, tiny_v2  # noqa: E402,F401
 
 QUESTIONS = ("What is in the image?", "Describe the scene in detail.")
@@ -54,14 +55,6 @@ BENCH_QUANTS = "f16,q4_k_m,q4_0"
 
 def _field(reader, key):
     return reader.fields[key].contents()
-
-
-def _compare(ref, got):
-    """Per position: error in reference logit stds, top-1 margin in stds, whether argmaxes agree."""
-    std = ref.std(axis=1)
-    err = np.abs(got - ref).max(axis=1) / std
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    return err, (top2[:, 1] - top2[:, 0]) / std, got.argmax(axis=1) == ref.argmax(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +213,7 @@ def test_llama_cpp_f16_matches_the_reference(world, bench):
     wherever the reference's top-1 margin exceeds twice that position's error."""
     tok, ref = world["tok"], world["torch"]
     d = LlamaCppDecoder(bench["art"] / "llm-f16.gguf", tok, threads=2, n_ctx=512)
-    worst, decided, flipped, positions = 0.0, 0, 0, 0
+    tally = MarginTally()
     try:
         for img in world["images"]:
             for q in QUESTIONS:
@@ -228,18 +221,12 @@ def test_llama_cpp_f16_matches_the_reference(world, bench):
                 ids = ref.generate(p, img, GREEDY16).ids
                 want = ref.teacher_forced_logits(p, img, ids)
                 got = d.teacher_forced_logits(p, img, ids)
-                err, margin, agree = _compare(want, got)
-                worst = max(worst, float(err.max()))
-                sure = margin > 2 * err
-                decided += int(sure.sum())
-                flipped += int((sure & ~agree).sum())
-                positions += len(err)
+                tally.add(want, got)
     finally:
         d.close()
-    print(f"\n[smollm2 f16] {positions} positions: max error {worst:.4f} logit std (bound {F16_BOUND}); "
-          f"{decided} decided by their margin, {flipped} flipped")
-    assert worst < F16_BOUND and flipped == 0
-    assert decided >= 0.5 * positions           # the check is not vacuous
+    print(f"\n[smollm2 f16] {tally.summary(F16_BOUND)}")
+    assert tally.worst < F16_BOUND and tally.flipped == 0
+    assert tally.decided >= 0.5 * tally.positions           # the check is not vacuous
 
 
 def test_tied_embeddings_are_honoured(world, bench, tmp_path):

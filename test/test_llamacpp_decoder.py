@@ -35,6 +35,7 @@ from mobilevlm_ros.core.pipeline import LoadOptions  # noqa: E402
 from mobilevlm_ros.core.prompt import PromptIds, build_prompt  # noqa: E402
 from mobilevlm_ros.core.tokenizer import Tokenizer  # noqa: E402
 from mobilevlm_ros.core.vision import ImageEmbedding, TorchVision  # noqa: E402
+from logit_checks import MarginTally, position_errors  # noqa: E402
 from models_fixtures import synthetic_frame, tiny_v1, tiny_v2  # noqa: E402,F401
 
 QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many people are there?")
@@ -114,39 +115,23 @@ def _forced(world, dec, i, question):
     return world.torch.teacher_forced_logits(p, img, ref_ids), dec.teacher_forced_logits(p, img, ref_ids), ref_ids
 
 
-def _compare(ref, got):
-    """Per position: error in reference logit stds, reference top-1 margin, whether argmaxes agree."""
-    err = np.abs(got - ref).max(axis=1) / ref.std(axis=1)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    margin = (top2[:, 1] - top2[:, 0]) / ref.std(axis=1)
-    agree = got.argmax(axis=1) == ref.argmax(axis=1)
-    corr = min(float(np.corrcoef(g, r)[0, 1]) for g, r in zip(got, ref))
-    return err, margin, agree, corr
-
-
 @pytest.mark.parametrize("quant,bound,min_decided", [("f16", 0.03, 0.8), ("q8_0", 0.30, 0.25)])
 def test_logits_match_the_reference_within_rounding(worlds, quant, bound, min_decided):
-    worst, decided, flipped, positions = 0.0, 0, 0, 0
+    tally = MarginTally()
     for name, w in worlds.items():
         d = w.decoder(quant)
         try:
             for i in range(len(w.images)):
                 for q in QUESTIONS:
                     ref, got, _ = _forced(w, d, i, q)
-                    err, margin, agree, corr = _compare(ref, got)
+                    corr = tally.add(ref, got)
                     assert corr > 0.99, (name, i, q, corr)
-                    worst = max(worst, float(err.max()))
-                    sure = margin > 2 * err            # no rounding of that size can flip these
-                    decided += int(sure.sum())
-                    flipped += int((sure & ~agree).sum())
-                    positions += len(err)
         finally:
             d.close()
-    print(f"\n[{quant}] teacher-forced over {positions} positions: max error {worst:.4f} logit std "
-          f"(bound {bound}); {decided} positions decided by their margin, {flipped} flipped")
-    assert worst < bound
-    assert flipped == 0
-    assert decided >= min_decided * positions   # the check is not vacuous
+    print(f"\n[{quant}] teacher-forced: {tally.summary(bound)}")
+    assert tally.worst < bound
+    assert tally.flipped == 0
+    assert tally.decided >= min_decided * tally.positions   # the check is not vacuous
 
 
 def test_missing_rotary_permutation_is_caught(v2, tmp_path, monkeypatch):
@@ -157,7 +142,7 @@ def test_missing_rotary_permutation_is_caught(v2, tmp_path, monkeypatch):
     bad = ge.export_gguf(v2.ckpt, tmp_path, ["f16"])
     d = LlamaCppDecoder(tmp_path / bad["f16"]["file"], v2.tok, threads=2)
     try:
-        errs = [float(_compare(*_forced(v2, d, i, QUESTIONS[0])[:2])[0].max()) for i in range(4)]
+        errs = [float(position_errors(*_forced(v2, d, i, QUESTIONS[0])[:2]).max()) for i in range(4)]
     finally:
         d.close()
     print(f"\n[f16 without permutation] teacher-forced max error {min(errs):.3f}..{max(errs):.3f} logit std")
