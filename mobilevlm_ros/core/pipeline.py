@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .artifacts import INT8_MIN_COSINE, MANIFEST, choose_vision_dtype, read_manifest  # noqa: F401
+from .artifacts import MANIFEST, choose_vision_dtype, read_manifest
 from .errors import ModelLoadError
 from .generation import Generation, GenerationParams, TokenCallback
 from .prompt import PromptIds, build_prompt
