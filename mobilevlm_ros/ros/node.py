@@ -522,6 +522,12 @@ def main(argv=None) -> int:
             executor.spin_until_future_complete(node.finished)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # SIGINT/SIGTERM shut the context down from a signal handler: a spin that was just building
+        # its wait set then fails with RCLError ("context is not valid") instead of the exception
+        # above. That is the same shutdown; only a failure of a live context is an error.
+        if rclpy.ok(context=node.context):
+            raise
     finally:
         for _ in range(3):              # a second Ctrl-C must not leave requests or threads behind
             try:
