@@ -149,6 +149,9 @@ class Outcome:
     vision_ms: float = 0.0   # > 0: the frame was encoded for this question (no encoded frame was fresh)
     tokens: int = 0
     first_token_ms: float = float("nan")
+    prefill_ms: float = float("nan")    # the node's own figures: question text (and image, if not cached)
+    decode_ms: float = float("nan")
+    total_ms: float = float("nan")      # taken by the engine -> finished (wait for the decoder included)
 
 
 @dataclass
@@ -333,7 +336,8 @@ class Flood:
             if res.success:
                 out = Outcome(time.monotonic() - t0, "answered", latency, res.frame_age_ms,
                               vision_ms=res.vision_ms, tokens=res.completion_tokens,
-                              first_token_ms=res.first_token_ms)
+                              first_token_ms=res.first_token_ms, prefill_ms=res.prefill_ms,
+                              decode_ms=res.decode_ms, total_ms=res.total_ms)
             elif res.status.code == res.status.BUSY:
                 out = Outcome(time.monotonic() - t0, "busy", latency, error=res.error)
             else:

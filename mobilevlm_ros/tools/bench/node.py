@@ -128,7 +128,15 @@ def run_figures(outcomes, warmup_s: float) -> dict:
     return {"answers_run": len(answers), "answer_ms_p50": pct(lat, 50), "answer_ms_p95": pct(lat, 95),
             "frame_age_ms_p50": pct(age, 50), "frame_age_ms_p95": pct(age, 95),
             "on_demand_run": sum(o.vision_ms > 0 for o in answers),
-            "first_token_ms_p50": pct([o.first_token_ms for o in answers], 50)}
+            "first_token_ms_p50": pct([o.first_token_ms for o in answers], 50),
+            # where an answer's time goes: waiting for the decoder (an encode or prefill in flight,
+            # an earlier request), its own prefill, decoding, and the service round trip
+            "wait_ms_p50": pct([o.total_ms - o.vision_ms - o.prefill_ms - o.decode_ms for o in answers], 50),
+            "wait_ms_p95": pct([o.total_ms - o.vision_ms - o.prefill_ms - o.decode_ms for o in answers], 95),
+            "prefill_ms_p50": pct([o.prefill_ms for o in answers], 50),
+            "decode_tok_s_p50": pct([(o.tokens - 1) / o.decode_ms * 1e3 for o in answers
+                                     if o.tokens > 1 and o.decode_ms > 0], 50),
+            "transport_ms_p50": pct([o.latency_ms - o.total_ms for o in answers], 50)}
 
 
 def _work(job: dict) -> dict:
@@ -156,7 +164,9 @@ def _work(job: dict) -> dict:
             "callback_cpu_ms_max_run": cam["callback_cpu_ms_max"],
             "frame_age_ms_max_run": summary.frame_age_ms_max, "requests": summary.requests_sent,
             "errors": summary.errors, "error_kinds": summary.error_kinds, "lost": summary.lost,
-            "hwm_mb": summary.hwm_mb}
+            "hwm_mb": summary.hwm_mb,
+            "answers_all": [{k: round(v, 1) if isinstance(v, float) else v for k, v in vars(o).items()}
+                            for o in outcomes if o.kind == "answered"]}
 
 
 def isolated_question(a, params: dict, out) -> dict:
@@ -173,7 +183,9 @@ def isolated_question(a, params: dict, out) -> dict:
     job = {"config": "ours", "model": str(a.model), "artifacts": str(a.model), "quant": quant,
            "vision_dtype": dtype, "tokens": a.tokens, "repeats": 5, "threads": 0}
     r = run_worker("mobilevlm_ros.tools.bench.question", job, timeout=1800)
-    return {"quant": quant, "vision_dtype": dtype, "total_ms": r["total_ms"], "ttft_ms": r["ttft_ms"]}
+    rate = stats([(a.tokens - 1) / ((t - f) / 1e3) for t, f in zip(r["total_ms_all"], r["ttft_ms_all"])])
+    return {"quant": quant, "vision_dtype": dtype, "total_ms": r["total_ms"], "ttft_ms": r["ttft_ms"],
+            "decode_tok_s": rate}
 
 
 def run(a) -> dict:
@@ -220,12 +232,15 @@ def table(result: dict) -> str:
     iso = result.get("isolated")
     iso_ms = iso["total_ms"]["median"] if iso else None
     lines += ["", "| stream | DDS | answers | answer ms p50 / p95 | p50 / p95 vs isolated question | "
-              "first token ms p50 | frame age ms p50 / p95 | encoded on demand |", "|---|---|---|---|---|---|---|---|"]
+              "first token ms p50 | wait ms p50 / p95 | decode tok/s p50 | round trip ms p50 | "
+              "frame age ms p50 / p95 | encoded on demand |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["streams"]:
         p50, p95 = r.get("answer_ms_p50"), r.get("answer_ms_p95")
         ratio = f"{p50 / iso_ms:.2f}x / {p95 / iso_ms:.2f}x" if iso_ms and p50 and p95 else "–"
         lines.append(f"| {r['stream']} | {r['dds']} | {r.get('answers_run', 0)} | {_num(p50)} / {_num(p95)} | "
-                     f"{ratio} | {_num(r.get('first_token_ms_p50'))} | {_num(r.get('frame_age_ms_p50'))} / "
+                     f"{ratio} | {_num(r.get('first_token_ms_p50'))} | {_num(r.get('wait_ms_p50'))} / "
+                     f"{_num(r.get('wait_ms_p95'))} | {fmt_rate(r.get('decode_tok_s_p50'))} | "
+                     f"{_num(r.get('transport_ms_p50'))} | {_num(r.get('frame_age_ms_p50'))} / "
                      f"{_num(r.get('frame_age_ms_p95'))} | {r.get('on_demand_run', 0)} |")
     params = " ".join(f"{k}:={v}" for k, v in result.get("params", {}).items()) or "none"
     pause = (f"after a pause uniform in 0..{2 * result['ask_interval_s']:g} s" if result.get("ask_random")
@@ -238,7 +253,10 @@ def table(result: dict) -> str:
     if iso:
         notes.append(f"Isolated question in the same run (`mobilevlm-bench question`, ours: {iso['vision_dtype']} "
                      f"vision, {iso['quant']}, {result['tokens']} tokens forced): {fmt(iso['total_ms'], 0)} ms, "
-                     f"first token {fmt(iso['ttft_ms'], 0)} ms.")
+                     f"first token {fmt(iso['ttft_ms'], 0)} ms"
+                     + (f", decode {fmt(iso['decode_tok_s'])} tok/s." if iso.get("decode_tok_s") else "."))
+    notes.append("Wait: an answer's time in the engine before its own evaluation (an encode or prefill in "
+                 "flight, an earlier request); round trip: the client's latency minus the engine's.")
     for r in result["streams"]:
         if r["errors"] or r["lost"] or not r["node_alive"]:
             kinds = "; ".join(f"{n} x {k}" for k, n in sorted(r["error_kinds"].items(), key=lambda kv: -kv[1])[:3])
@@ -249,6 +267,10 @@ def table(result: dict) -> str:
 
 def _num(v) -> str:
     return "–" if v is None or v != v else f"{v:.0f}"
+
+
+def fmt_rate(v) -> str:
+    return "–" if v is None or v != v else f"{v:.1f}"
 
 
 def plot(result: dict, ax) -> None:
