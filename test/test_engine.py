@@ -157,7 +157,9 @@ def test_frame_age_policy_auto_fixed_and_per_request(torch_model):
     threaded = Engine(torch_model, EngineConfig(vision_rate_hz=2.0))
     threaded.frames.cameras["front"].stats.vision_ms_avg = 1500.0
     threaded._prefill_ms_avg = 2000.0
-    assert threaded.max_frame_age_s() == pytest.approx(0.5 + 2 * 3.5)  # period + 2 cycles
+    assert threaded.max_frame_age_s() == pytest.approx(0.5 + 3 * 3.5)  # period + 3 cycles
+    threaded._answer_ms_avg = 1200.0
+    assert threaded.max_frame_age_s() == pytest.approx(0.5 + 3 * 3.5 + 1.2)  # + one answer
     assert threaded.update(max_frame_age_s=3.0) and threaded.max_frame_age_s() == 3.0
     offer(engine, clock, T0)
     clock.set(T0 + 10 * NS)
@@ -166,6 +168,7 @@ def test_frame_age_policy_auto_fixed_and_per_request(torch_model):
     assert ask(engine, Request(Q, max_frame_age_ms=-1)).success          # any cached frame
     assert ask(engine, Request(Q, max_frame_age_ms=10_500)).success
     assert ask(engine, Request(Q, max_frame_age_ms=9_500)).status == Status.NO_FRAME
+    assert engine.max_frame_age_s() == AUTO_AGE_MIN_S        # stepped answers are not timed (replay)
 
 
 def test_pending_frame_is_encoded_on_demand_and_counted(torch_model):

@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from mobilevlm_ros.core.errors import ImageError
+from mobilevlm_ros.core.errors import EncodeAborted, ImageError
 from mobilevlm_ros.engine.frames import (NS, CachedFrame, Frame, FrameStore, FrameUnavailable,
                                       check_requested_stamp, select_frame)
 
@@ -21,7 +21,7 @@ class FakeModel:
         self.batches = []
         self.fail = fail
 
-    def encode(self, frames, channel_order="rgb"):
+    def encode(self, frames, channel_order="rgb", abort=None):
         if self.fail:
             raise RuntimeError("encoder exploded")
         self.batches.append([np.array(f) for f in frames])
@@ -263,3 +263,68 @@ def test_hold_background_stops_the_worker_not_encoding_on_demand():
     t.join(5.0)
     assert woke == [True]                               # released: the worker wakes at once
     assert [c.stamp_ns for c in store.encode_pending(model)] == [NOW]
+
+
+class SlowModel(FakeModel):
+    """An encode that runs until the test releases it or its Abort is requested (as ONNX Runtime's
+    run stops at the next node)."""
+
+    def __init__(self):
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, frames, channel_order="rgb", abort=None):
+        stopped = threading.Event()
+        if abort is not None:
+            abort.on_request(stopped.set)
+        self.started.set()
+        while not self.release.wait(0.01):
+            if stopped.is_set():
+                raise EncodeAborted("the encode was aborted")
+        return super().encode(frames, channel_order)
+
+
+def background_encode(store, model):
+    model.started.clear()
+    worker = threading.Thread(target=lambda: store.encode_pending(model))
+    worker.start()
+    assert model.started.wait(5.0)
+    return worker
+
+
+@pytest.mark.parametrize("newer_frame", [False, True])
+def test_an_answer_stops_a_background_encode_and_its_frame_stays_pending(newer_frame):
+    store = FrameStore(["front"], 4)
+    model = SlowModel()
+    store.offer(frame(t=NOW - 2 * S))
+    worker = background_encode(store, model)
+    if newer_frame:
+        store.offer(frame(t=NOW - S))
+    entered = threading.Event()
+
+    def prefill():
+        with store.hold_background():           # a prefill waits for the running encode
+            entered.set()
+    waiter = threading.Thread(target=prefill)
+    waiter.start()
+    assert not entered.wait(0.2)
+    model.release.set()
+    assert entered.wait(5.0)
+    worker.join(5.0)
+    waiter.join(5.0)
+    assert store.encodes_aborted == 0 and store.stats()["front"].encoded == 1
+
+    model.release.clear()
+    store.offer(frame(t=NOW - S // 2))
+    worker = background_encode(store, model)
+    if newer_frame:
+        store.offer(frame(t=NOW))
+    with store.hold_background(abort_running=True):  # an answer: the encode stops at once
+        worker.join(5.0)
+        assert not worker.is_alive() and not model.release.is_set()   # stopped, not finished
+        assert store.encodes_aborted == 1 and store.stats()["front"].encoded == 1
+        pending = store.cameras["front"].pending     # the aborted frame, or the newer one
+        assert pending.stamp_ns == (NOW if newer_frame else NOW - S // 2)
+        assert store.stats()["front"].dropped == (2 if newer_frame else 0)
+    model.release.set()                              # the next encode runs to the end
+    assert [c.stamp_ns for c in store.encode_pending(model)] == [pending.stamp_ns]

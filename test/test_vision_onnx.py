@@ -7,6 +7,8 @@ The same check at the real 1.7B dimensions is test_parity_1p7b_dims (MOBILEVLM_S
 """
 import json
 import os
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -19,11 +21,11 @@ onnx = pytest.importorskip("onnx")
 
 from mobilevlm_ros.core.artifacts import read_manifest  # noqa: E402
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.errors import ImageError, ModelLoadError  # noqa: E402
+from mobilevlm_ros.core.errors import EncodeAborted, ImageError, ModelLoadError  # noqa: E402
 from mobilevlm_ros.core.onnx_export import compare, verification_pixels  # noqa: E402
 from mobilevlm_ros.core.pipeline import LoadOptions  # noqa: E402
 from mobilevlm_ros.core.preprocess import preprocess  # noqa: E402
-from mobilevlm_ros.core.vision import TorchVision, build_vision_encoder  # noqa: E402
+from mobilevlm_ros.core.vision import Abort, TorchVision, build_vision_encoder  # noqa: E402
 from mobilevlm_ros.core.vision_onnx import OnnxRuntimeVision, select_providers  # noqa: E402
 from mobilevlm_ros.tools.make_tiny import make_checkpoint  # noqa: E402
 
@@ -106,6 +108,27 @@ def test_encode_frames_through_the_backend_interface(model):
     [b] = model.torch.encode([fr])
     assert a.embeds.shape == (144, 256) and a.embeds.dtype == np.float32 and a.vision_ms > 0
     assert within_parity(compare(a.embeds[None], b.embeds[None]))
+
+
+def test_abort_stops_a_run_and_the_session_keeps_serving(model):
+    """The node stops a background encode when a question arrives: ONNX Runtime's terminate flag,
+    set from another thread, ends the run at its next node; a requested abort fails at once."""
+    vis = ort_vision(model)
+    px = np.repeat(pixels(1), 32, axis=0)
+    t0 = time.perf_counter()
+    full = vis.encode_pixels(px)
+    full_s = time.perf_counter() - t0
+    abort = Abort()
+    threading.Timer(full_s / 10, abort.request).start()
+    t0 = time.perf_counter()
+    with pytest.raises(EncodeAborted):
+        vis.encode_pixels(px, abort)
+    stopped_s = time.perf_counter() - t0
+    print(f"\n[{model.version}] batch 32: full run {full_s * 1e3:.0f} ms, aborted after {stopped_s * 1e3:.0f} ms")
+    assert stopped_s < full_s * 0.75
+    with pytest.raises(EncodeAborted):
+        vis.encode([frames()[0]], abort=abort)      # already requested: nothing runs
+    np.testing.assert_array_equal(vis.encode_pixels(px[:1]), full[:1])   # the session still serves
 
 
 def test_dynamic_batch_equals_single_frames(model):

@@ -15,3 +15,7 @@ class RequestError(MobileVLMError):
 
 class ImageError(MobileVLMError):
     """A camera frame cannot be turned into model input."""
+
+
+class EncodeAborted(MobileVLMError):
+    """An encode stopped by its Abort before it finished; nothing was computed for its frames."""

@@ -18,7 +18,7 @@ from .errors import ModelLoadError
 from .generation import Generation, GenerationParams, TokenCallback
 from .prompt import PromptIds, build_prompt
 from .tokenizer import Tokenizer
-from .vision import ImageEmbedding, VisionBackend
+from .vision import Abort, ImageEmbedding, VisionBackend
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class MobileVLM:
         self.vision, self.decoder, self.tokenizer = vision, decoder, tokenizer
         self.image_tokens, self.model_id = image_tokens, model_id
 
-    def encode(self, frames, channel_order: str = "rgb") -> list[ImageEmbedding]:
-        return self.vision.encode(frames, channel_order)
+    def encode(self, frames, channel_order: str = "rgb", abort: Optional[Abort] = None) -> list[ImageEmbedding]:
+        return self.vision.encode(frames, channel_order, abort)
 
     def prompt(self, question: str) -> PromptIds:
         return build_prompt(self.tokenizer, question, self.image_tokens)

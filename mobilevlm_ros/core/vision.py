@@ -6,12 +6,15 @@ and `tensorrt` run the exported ONNX graph (see vision_onnx.py, vision_tensorrt.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
+from .errors import EncodeAborted
 from .preprocess import preprocess
 
 _keys = itertools.count(1)
@@ -25,19 +28,48 @@ class ImageEmbedding:
     key: int = field(default_factory=lambda: next(_keys))
 
 
+class Abort:
+    """Another thread's request to stop an encode in progress. Backends that can stop mid-run
+    register a hook (ONNX Runtime: RunOptions.terminate); the others check it before they start."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._hooks: list = []
+        self.requested = False
+
+    def request(self) -> None:
+        with self._lock:
+            self.requested, hooks = True, list(self._hooks)
+        for hook in hooks:
+            hook()
+
+    def on_request(self, hook: Callable[[], None]) -> None:
+        """Call `hook` when abort is requested (at once if it already was)."""
+        with self._lock:
+            if not self.requested:
+                self._hooks.append(hook)
+                return
+        hook()
+
+    def check(self) -> None:
+        if self.requested:
+            raise EncodeAborted("the encode was aborted before it started")
+
+
 class VisionBackend(ABC):
     name = "vision"
     image_size = 336
 
     @abstractmethod
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 [B, 3, S, S] normalised pixels -> float32 [B, image_tokens, hidden]."""
+    def encode_pixels(self, pixels: np.ndarray, abort: Optional[Abort] = None) -> np.ndarray:
+        """float32 [B, 3, S, S] normalised pixels -> float32 [B, image_tokens, hidden]. Raises
+        EncodeAborted if `abort` is requested before or (where the backend can stop) during the run."""
 
-    def encode(self, frames, channel_order: str = "rgb") -> list[ImageEmbedding]:
+    def encode(self, frames, channel_order: str = "rgb", abort: Optional[Abort] = None) -> list[ImageEmbedding]:
         """uint8 frames (any size, RGB/BGR/mono) -> one ImageEmbedding each, batched in one call."""
         t0 = time.perf_counter()
         pixels = np.stack([preprocess(f, channel_order, self.image_size) for f in frames])
-        embeds = self.encode_pixels(pixels)
+        embeds = self.encode_pixels(pixels, abort)
         ms = (time.perf_counter() - t0) * 1e3 / len(frames)
         return [ImageEmbedding(np.ascontiguousarray(e, dtype=np.float32), ms) for e in embeds]
 
@@ -107,10 +139,12 @@ class TorchVision(VisionBackend):
         self.dtype = dtype
         self.bf16 = bool(bf16) and device == "cpu"
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def encode_pixels(self, pixels: np.ndarray, abort: Optional[Abort] = None) -> np.ndarray:
         import contextlib
 
         import torch
+        if abort is not None:
+            abort.check()
         cast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with torch.inference_mode(), cast:
             x = torch.from_numpy(pixels).to(self.device, self.dtype)

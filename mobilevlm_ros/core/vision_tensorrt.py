@@ -257,9 +257,11 @@ class TensorRTVision(VisionBackend):
                                int(manifest.get("image_size", 336)), bool(opts.tensorrt.rebuild))
         return cls(engine, int(manifest.get("image_size", 336)), dtype, fp16)
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def encode_pixels(self, pixels: np.ndarray, abort=None) -> np.ndarray:
         import torch
         from .vision_onnx import validate_pixels
+        if abort is not None:               # a GPU run is short: it is not stopped once started
+            abort.check()
         pixels = validate_pixels(pixels, self.image_size)
         outs = []
         for i in range(0, pixels.shape[0], self.max_batch):

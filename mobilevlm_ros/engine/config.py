@@ -18,11 +18,13 @@ from ..core.generation import MAX_NEW_TOKENS_LIMIT
 CAMERA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 # max_frame_age_s < 0 ("auto"): frames up to this old are always accepted; beyond it, a frame is
-# accepted while it is younger than AUTO_AGE_CYCLES encode + prefill cycles (measured), so on a slow
-# CPU a question about "the latest frame" takes the newest frame already in the decoder instead of
-# waiting for a new encode.
+# accepted while it is younger than one vision period + AUTO_AGE_CYCLES encode + prefill cycles +
+# one answer (all measured), so on a slow CPU a question about "the latest frame" takes the newest
+# frame already in the decoder instead of waiting for a new encode or prefill. Three cycles: the
+# frame was one cycle old when it entered the decoder, its successor was up to a cycle along when
+# an answer interrupted it, and after the answer the next frame takes a whole cycle again.
 AUTO_AGE_MIN_S = 2.0
-AUTO_AGE_CYCLES = 2.0
+AUTO_AGE_CYCLES = 3.0
 
 
 class ConfigError(MobileVLMError, ValueError):
@@ -88,8 +90,8 @@ class EngineConfig:
                               "camera in the decoder, so that a question about it pays only for its own text")
     max_frame_age_s: float = _f(-1.0, "frames older than this (clock at question time) are not used; "
                                 "0 = no limit; negative = auto: at least "
-                                f"{AUTO_AGE_MIN_S:g} s, and up to {AUTO_AGE_CYCLES:g} measured "
-                                "encode + prefill cycles", low=-1.0, high=1e9)
+                                f"{AUTO_AGE_MIN_S:g} s, and up to a vision period + {AUTO_AGE_CYCLES:g} "
+                                "measured encode + prefill cycles + one answer", low=-1.0, high=1e9)
     max_new_tokens: int = _f(128, "default upper bound on generated tokens", low=1, high=MAX_NEW_TOKENS_LIMIT)
     temperature: float = _f(0.0, "default sampling temperature; 0 = greedy", low=0.0, high=10.0)
     top_p: float = _f(1.0, "default nucleus sampling threshold", above=0.0, high=1.0)

@@ -10,7 +10,8 @@
 Threads (`start`): a vision worker encodes each camera's newest frame (all cameras in one batch) at
 most `vision_rate_hz` times a second; one generation worker runs the decoder (not thread-safe) on
 requests from a bounded queue. Answers come first: while one is generated the vision worker starts no
-encode (unless `vision_during_answers`). While no request waits, the generation worker evaluates
+encode, and one already running stops where the backend can (ONNX Runtime) and is redone later
+(unless `vision_during_answers`). While no request waits, the generation worker evaluates
 each camera's newest fresh frame in the decoder (prefill) and asks for periodic captions.
 
 Stepped (`simulated=True`, no threads): the caller moves the clock and calls `vision_step()` and
@@ -89,6 +90,7 @@ class EngineStats:
     max_frame_age_s: float               # in effect now (0 = no limit)
     prefill_ms_avg: float
     cached_frames_in_decoder: int = 0
+    vision_aborted: int = 0              # background encodes stopped for an answer (redone later)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +114,7 @@ class Engine:
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._prefilled: Dict[str, int] = {}         # camera -> seq of the frame last prefilled
         self._prefill_ms_avg = 0.0
+        self._answer_ms_avg = 0.0                    # the decoder's time per answer (auto frame age)
         self._last_total_ms = 0.0
         self._last_captioned: Dict[str, int] = {}
         self._next_caption_ns = 0
@@ -151,6 +154,7 @@ class Engine:
         for job in waiting:
             job.ticket.finish(self._failure(Status.UNAVAILABLE, f"not answered: {reason}", job.camera))
         self._stop.set()
+        self.frames.abort_background()
         self.frames.wake()
         for t in self._threads:
             t.join(timeout=30.0)
@@ -259,7 +263,9 @@ class Engine:
         encode_s = max((s.vision_ms_avg for s in stats), default=0.0) / 1e3
         period = 1.0 / self.config.vision_rate_hz if self.config.vision_rate_hz > 0 else 0.0
         cycle = encode_s + self._prefill_ms_avg / 1e3
-        return max(AUTO_AGE_MIN_S, period + AUTO_AGE_CYCLES * cycle)
+        # while an answer holds the decoder no frame is refreshed, so the frame in the decoder ages
+        # by one answer beyond its cycles: the next question still takes it instead of waiting
+        return max(AUTO_AGE_MIN_S, period + AUTO_AGE_CYCLES * cycle + self._answer_ms_avg / 1e3)
 
     def select(self, camera: str, now_ns: int, request: Optional[Request] = None) -> AnyFrame:
         """The frame a request is answered about (frames.select_frame with the decoder's cache as
@@ -343,16 +349,21 @@ class Engine:
                 job.ticket.cancel("the node stopped serving")
             return job
 
-    def _decoder_turn(self):
-        """Held while the decoder works: unless vision_during_answers, no background encode starts."""
+    def _decoder_turn(self, answer: bool = False):
+        """Held while the decoder works: unless vision_during_answers, no background encode starts,
+        and an answer stops the one running (a prefill lets it finish: it is the frame it needs next)."""
         if self.config.vision_during_answers or self.simulated:
             return contextlib.nullcontext()
-        return self.frames.hold_background()
+        return self.frames.hold_background(abort_running=answer)
 
     def _answer(self, job: _Job) -> None:
+        t0 = time.perf_counter()
         try:
-            with self._decoder_turn():
+            with self._decoder_turn(answer=True):
                 result = self._generate(job)
+            if result.status == Status.OK and not self.simulated:     # replay: instant, repeatable
+                ms = (time.perf_counter() - t0) * 1e3
+                self._answer_ms_avg = ms if not self._answer_ms_avg else 0.8 * self._answer_ms_avg + 0.2 * ms
         except Exception as e:              # never leave a request unanswered
             log.exception("generation failed")
             result = self._failure(Status.MODEL_ERROR, f"internal error: {type(e).__name__}: {e}", job.camera)
@@ -496,7 +507,8 @@ class Engine:
                            in_progress=busy, cameras=self.frames.stats(), vision_errors=self.frames.encode_errors,
                            last_error=self.last_error, last_total_ms=self._last_total_ms,
                            max_frame_age_s=self.max_frame_age_s(), prefill_ms_avg=self._prefill_ms_avg,
-                           cached_frames_in_decoder=len(decoder.cached_frames()) if decoder is not None else 0)
+                           cached_frames_in_decoder=len(decoder.cached_frames()) if decoder is not None else 0,
+                           vision_aborted=self.frames.encodes_aborted)
 
     def _count(self, key: str) -> None:
         with self._lock:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..core.errors import ImageError, MobileVLMError
+from ..core.errors import EncodeAborted, ImageError, MobileVLMError
+from ..core.vision import Abort
 from .images import compressed_to_rgb, raw_to_rgb
 
 NS = 1_000_000_000
@@ -224,6 +225,8 @@ class FrameStore:
         self._has_pending = threading.Condition(self._lock)
         self.vision_lock = threading.Lock()
         self._holds = 0                     # hold_background() in effect: no background encodes
+        self._background: Optional[Abort] = None   # the background encode running now
+        self.encodes_aborted = 0
         self.encode_errors = 0
         self.last_encode_error = ""
 
@@ -265,13 +268,17 @@ class FrameStore:
             return self._background_ready()
 
     @contextlib.contextmanager
-    def hold_background(self):
+    def hold_background(self, abort_running: bool = False):
         """No background encode starts while this is held; frames keep arriving (newer ones replace
-        the pending one) and encode_frame still encodes on demand. Entering waits for an encode
-        already running to finish: on shared CPU cores an encode beside the decoder slows both far
-        more than waiting for it does (their thread pools spin against each other)."""
+        the pending one) and encode_frame still encodes on demand. Entering waits for a background
+        encode already running to finish, or with abort_running stops it (where the backend can:
+        ONNX Runtime) and puts its frames back as pending unless newer ones came: on shared CPU
+        cores an encode beside the decoder slows both far more than waiting does (their thread
+        pools spin against each other), and an answer should not wait for an encode either."""
         with self._lock:
             self._holds += 1
+        if abort_running:
+            self.abort_background()
         try:
             with self.vision_lock:          # the running encode, if any, finishes first
                 pass
@@ -280,6 +287,13 @@ class FrameStore:
             with self._lock:
                 self._holds -= 1
                 self._has_pending.notify_all()
+
+    def abort_background(self) -> None:
+        """Stop the background encode running now, if any (see hold_background)."""
+        with self._lock:
+            running = self._background
+        if running is not None:
+            running.request()
 
     def wake(self) -> None:
         with self._lock:
@@ -299,7 +313,22 @@ class FrameStore:
                 if lazy:
                     return [self._cache(CachedFrame(f.camera, f.header, f.stamp_ns, f.received_ns, None, 0.0,
                                                     f.seq, source=f), None) for f in taken]
-            return self._encode(model, taken)
+                abort = self._background = Abort()
+            try:
+                return self._encode(model, taken, abort=abort)
+            except EncodeAborted:
+                with self._lock:
+                    self.encodes_aborted += 1
+                    for f in taken:         # encoded again later, unless a newer frame replaces it
+                        cam = self.cameras[f.camera]
+                        if cam.pending is None:
+                            cam.pending = f
+                        else:
+                            cam.stats.dropped += 1
+                return []
+            finally:
+                with self._lock:
+                    self._background = None
 
     def ensure_embedding(self, model, cached: CachedFrame) -> float:
         """Encode a lazily cached frame now; returns the ms spent (0 if it had its embedding).
@@ -328,7 +357,7 @@ class FrameStore:
             return cached[0], True
 
     def _encode(self, model, frames: List[Frame], raise_errors: bool = False,
-                keep: bool = True) -> List[CachedFrame]:
+                keep: bool = True, abort: Optional[Abort] = None) -> List[CachedFrame]:
         ready: List[Tuple[Frame, np.ndarray]] = []
         for f in frames:
             try:
@@ -346,7 +375,9 @@ class FrameStore:
         if not ready:
             return []
         try:
-            embeddings = model.encode([p for _, p in ready], "rgb")
+            embeddings = model.encode([p for _, p in ready], "rgb", abort=abort)
+        except EncodeAborted:
+            raise
         except Exception as e:
             with self._lock:
                 self.encode_errors += 1
