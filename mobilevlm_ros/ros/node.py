@@ -19,8 +19,11 @@ Interfaces (relative to the node, `/mobilevlm/...` by default):
   publishes   ~/answers, ~/captions         mobilevlm_ros/msg/Answer
               /diagnostics                  diagnostic_msgs/DiagnosticArray
 
-Service and action callbacks are coroutines: they submit and await the engine's ticket, so no
-executor thread waits for an answer and the executor's size does not grow with the queue.
+Service and action callbacks are coroutines: they submit and await the engine's ticket, so the
+node's one executor thread never waits for an answer. A single-threaded executor, because each
+camera message costs it half the CPU time of rclpy's multi-threaded one (no hand-over to a pool),
+and that time is taken from the decoder's cores (`mobilevlm-bench node`). Lifecycle transitions run
+in that thread: while configure loads a model, requests wait in DDS and are served after it.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -63,7 +66,7 @@ NODE_NAME = "mobilevlm"
 # Finished goals' results are kept this long for clients that ask late (rclpy's default is 900 s):
 # a client that disappears mid-goal must not leave its result behind for a quarter of an hour.
 ACTION_RESULT_KEEP_S = 60
-EXECUTOR_THREADS = 4        # images, timers, requests and lifecycle: no callback waits for an answer
+RETIRE_SERVERS_AFTER_S = 0.2        # deactivate: replies to the requests it ended go out first
 FEEDBACK_HEAD_START_S = 0.05        # between an answer's last feedback and its result
 
 
@@ -98,11 +101,11 @@ class MobileVLMNode(LifecycleNode):
         self.last_error = ""
         self.finished = Future()                    # completed by the shutdown transition: main() exits
 
+        # requests are coroutines that await the engine: in a group of the node's default kind
+        # (mutually exclusive) one waiting request would hold back every other callback
         self._request_group = ReentrantCallbackGroup()
-        self._timer_group = MutuallyExclusiveCallbackGroup()
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_timer = self.create_timer(self._cfg["diagnostics_period_s"], self._publish_diagnostics,
-                                             callback_group=self._timer_group)
+        self._diag_timer = self.create_timer(self._cfg["diagnostics_period_s"], self._publish_diagnostics)
 
     # -------------------------------------------------------------------------------- parameters
     @property
@@ -134,8 +137,7 @@ class MobileVLMNode(LifecycleNode):
         self.get_logger().info("parameters set: " + ", ".join(f"{k}={v!r}" for k, v in updates.items()))
         if "diagnostics_period_s" in updates:
             self.destroy_timer(self._diag_timer)
-            self._diag_timer = self.create_timer(self._cfg["diagnostics_period_s"], self._publish_diagnostics,
-                                                 callback_group=self._timer_group)
+            self._diag_timer = self.create_timer(self._cfg["diagnostics_period_s"], self._publish_diagnostics)
         return SetParametersResult(successful=True)
 
     def _when_reason(self, spec) -> Optional[str]:
@@ -184,13 +186,11 @@ class MobileVLMNode(LifecycleNode):
                          durability=DurabilityPolicy.VOLATILE)
         for cam in cfg["cameras"]:
             self._topics[cam] = []
-            group = MutuallyExclusiveCallbackGroup()     # one per camera: in order, cameras in parallel
             kinds = {"raw": (Image, "image", self._on_image),
                      "compressed": (CompressedImage, "image/compressed", self._on_compressed)}
             for kind in (("raw", "compressed") if cfg["image_transport"] == "both" else (cfg["image_transport"],)):
                 msg_type, suffix, callback = kinds[kind]
-                sub = self.create_subscription(msg_type, f"~/{cam}/{suffix}", functools.partial(callback, cam),
-                                               qos, callback_group=group)
+                sub = self.create_subscription(msg_type, f"~/{cam}/{suffix}", functools.partial(callback, cam), qos)
                 self._subs.append(sub)
                 self._topics[cam].append(sub.topic_name)
         self._engine.start()
@@ -207,9 +207,8 @@ class MobileVLMNode(LifecycleNode):
         return super().on_activate(state)
 
     def _lower_ros_threads(self, nice: int) -> None:
-        """The node's Python threads but the engine's workers (the main thread, the executor's pool:
-        messages deserialised, callbacks) get `nice`; pool threads made later inherit it from the
-        main thread. DDS's own receive threads keep their priority: at a lower one a camera driver
+        """The node's Python threads but the engine's workers (the main thread, which runs the
+        executor: messages deserialised, callbacks) get `nice`. DDS's own receive threads keep their priority: at a lower one a camera driver
         on the same cores would starve them and large frames would be lost in the socket. llama.cpp's
         compute threads are made by the generation worker. Raising a nice value needs no
         privilege, lowering it back would: after a re-activation the new workers inherit the value
@@ -258,18 +257,32 @@ class MobileVLMNode(LifecycleNode):
 
     def _stop_serving(self, reason: str) -> None:
         if self._engine is not None:
-            self._engine.stop(reason)
-        if self._ask_srv is not None or self._ask_action is not None:
-            time.sleep(0.2)                 # let the executor send the replies of finished callbacks
+            self._engine.stop(reason)       # every waiting request has its result now
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs, self._topics = [], {}
-        if self._ask_srv is not None:
-            self.destroy_service(self._ask_srv)
-            self._ask_srv = None
-        if self._ask_action is not None:
-            self._ask_action.destroy()
-            self._ask_action = None
+        self._retire_servers()
+
+    def _retire_servers(self) -> None:
+        """Take ~/ask and ~/ask_stream down once the requests just ended have been replied to:
+        their coroutines resume in the executor after the current callback (the transition)
+        returns. Until then a new request is answered UNAVAILABLE by the stopped engine."""
+        servers = [s for s in (self._ask_srv, self._ask_action) if s is not None]
+        self._ask_srv = self._ask_action = None
+        if not servers:
+            return
+
+        def destroy(_future=None):
+            for server in servers:
+                if isinstance(server, ActionServer):
+                    server.destroy()
+                else:
+                    self.destroy_service(server)
+        later = self._sleep(RETIRE_SERVERS_AFTER_S) if self.executor is not None else None
+        if later is None or later.done():   # not spinning, or the context is going down
+            destroy()
+        else:
+            later.add_done_callback(destroy)
 
     def _release_model(self) -> None:
         for pub in (self._answers_pub, self._captions_pub):
@@ -478,6 +491,7 @@ class MobileVLMNode(LifecycleNode):
                                                  "queue_depth": st.queue_depth, "max_queue": st.max_queue,
                                                  "in_progress": st.in_progress, **st.counts,
                                                  "vision_errors": st.vision_errors,
+                                                 "vision_aborted": st.vision_aborted,
                                                  "max_frame_age_s": f"{max_age:.3f}",
                                                  "prefill_ms_avg": f"{st.prefill_ms_avg:.1f}",
                                                  "last_total_ms": f"{st.last_total_ms:.1f}",
@@ -508,7 +522,7 @@ def main(argv=None) -> int:
         print(f"mobilevlm-node: invalid parameters: {e}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     code = 0
     try:
@@ -520,6 +534,10 @@ def main(argv=None) -> int:
                     break
         if code == 0:
             executor.spin_until_future_complete(node.finished)
+            # the shutdown transition ended the requests it found: let their replies go out
+            t_end = time.monotonic() + 2 * RETIRE_SERVERS_AFTER_S
+            while rclpy.ok(context=node.context) and time.monotonic() < t_end:
+                executor.spin_once(timeout_sec=0.05)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:
