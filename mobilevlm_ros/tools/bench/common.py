@@ -127,6 +127,22 @@ def median(s: Optional[dict]):
     return s.get("median") if s else None
 
 
+def report(name: str, run: Callable[[], dict], table: Callable[[dict], str], out=None,
+           plot: Optional[Callable] = None, errors: tuple = (), error_code: int = 1) -> int:
+    """A bench's main() after its arguments: run, print the markdown table, write the results
+    (write_results). An expected failure (one of `errors`) prints `mobilevlm-bench NAME: why` and
+    returns error_code."""
+    try:
+        result = run()
+    except errors as e:
+        print(f"mobilevlm-bench {name}: {e}", file=sys.stderr)
+        return error_code
+    md = table(result)
+    print(md)
+    write_results(out, name, result, md, plot)
+    return 0
+
+
 def write_results(out, name: str, result, markdown: str,
                   plot: Optional[Callable] = None, title: str = "") -> None:
     """OUT/<name>.json, OUT/<name>.md and, with a plot(result, ax) function, OUT/<name>.png

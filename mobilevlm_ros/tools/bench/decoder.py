@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 
 from .bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
-from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, run_worker, stats,
-                     worker_main, write_results)
+from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, report,
+                     run_worker, stats, worker_main)
 
 QUANTS = ("q4_k_m", "q8_0", "f16")                              # the default set
 CHOICES = (*QUANTS, "q4_0", "iq4_xs", "q5_k_m")                 # every quant the export writes
@@ -428,15 +428,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.tokens < 2 or a.repeats < 1 or a.warmup < 0:
         ap.error("--tokens must be >= 2, --repeats >= 1, --warmup >= 0")
-    try:
-        result = run(a)
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        print(f"mobilevlm-bench decoder: {e}", file=sys.stderr)
-        return 1
-    md = table(result)
-    print(md)
-    write_results(a.out, "decoder", result, md, plot)
-    return 0
+    return report("decoder", lambda: run(a), table, a.out, plot, errors=(RuntimeError, subprocess.TimeoutExpired))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import barh, finish_machine, machine_info, machine_line, stats, write_results
+from .common import barh, finish_machine, machine_info, machine_line, report, stats
 
 QUANTS = ("f16", "q8_0", "q4_k_m", "q4_0", "iq4_xs", "q5_k_m")
 VISION_QUANT = "q4_k_m"          # the GGUF the int8-vision answers are also compared on
@@ -429,15 +429,7 @@ def main(argv=None) -> int:
     if a.questions < 1 or a.frames < 1 or a.tokens < 1:
         ap.error("--questions, --frames and --tokens must be >= 1")
     from ...core.errors import MobileVLMError
-    try:
-        result = run(a)
-    except MobileVLMError as e:
-        print(f"mobilevlm-bench fidelity: {e}", file=sys.stderr)
-        return 1
-    md = table(result)
-    print(md)
-    write_results(a.out, "fidelity", result, md, plot)
-    return 0
+    return report("fidelity", lambda: run(a), table, a.out, plot, errors=(MobileVLMError,))
 
 
 if __name__ == "__main__":

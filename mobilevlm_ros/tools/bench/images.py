@@ -27,7 +27,7 @@ from importlib import metadata
 
 import numpy as np
 
-from .common import barh, finish_machine, fmt, machine_info, machine_line, minmax, stats, write_results
+from .common import barh, finish_machine, fmt, machine_info, machine_line, minmax, report, stats
 
 DEFAULT_SIZES = "640x480,1920x1080"
 ALIASES = ("uyvy", "yuyv")
@@ -154,11 +154,7 @@ def main(argv=None) -> int:
     except MobileVLMError as e:
         print(f"mobilevlm-bench images: {e}", file=sys.stderr)
         return 2
-    result = run(sizes, encodings, a.repeats, a.threads)
-    md = table(result)
-    print(md)
-    write_results(a.out, "images", result, md, plot)
-    return 0
+    return report("images", lambda: run(sizes, encodings, a.repeats, a.threads), table, a.out, plot)
 
 
 if __name__ == "__main__":

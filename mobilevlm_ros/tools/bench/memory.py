@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .common import barh, finish_machine, fmt, machine_info, machine_line, minmax, stats, write_results
+from .common import barh, finish_machine, fmt, machine_info, machine_line, minmax, report, stats
 from .node import node_with_traffic
 
 DEFAULT_CONFIGS = "fp32+q4_k_m,fp16+q4_k_m,int8+q4_k_m,int8+q8_0"
@@ -140,15 +140,7 @@ def main(argv=None) -> int:
     if not Path(a.model).is_dir():
         print(f"mobilevlm-bench memory: model folder not found: {a.model}", file=sys.stderr)
         return 2
-    try:
-        result = run(a)
-    except ValueError as e:
-        print(f"mobilevlm-bench memory: {e}", file=sys.stderr)
-        return 2
-    md = table(result)
-    print(md)
-    write_results(a.out, "memory", result, md, plot)
-    return 0
+    return report("memory", lambda: run(a), table, a.out, plot, errors=(ValueError,), error_code=2)
 
 
 if __name__ == "__main__":

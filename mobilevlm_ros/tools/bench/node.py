@@ -39,8 +39,8 @@ import sys
 from pathlib import Path
 
 from ...resources import share_file
-from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, run_worker, stats,
-                     worker_main, write_results)
+from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, report, run_worker, stats,
+                     worker_main)
 
 DEFAULT_STREAMS = ("front:640x480@30", "front:1920x1080@30")
 # DDS configurations of the publishing (bench) process and the node: Fast DDS's defaults, and the
@@ -314,15 +314,7 @@ def main(argv=None) -> int:
     if not Path(a.model).is_dir():
         print(f"mobilevlm-bench node: model folder not found: {a.model}", file=sys.stderr)
         return 2
-    try:
-        result = run(a)
-    except (RuntimeError, ValueError) as e:
-        print(f"mobilevlm-bench node: {e}", file=sys.stderr)
-        return 1
-    md = table(result)
-    print(md)
-    write_results(a.out, "node", result, md, plot)
-    return 0
+    return report("node", lambda: run(a), table, a.out, plot, errors=(RuntimeError, ValueError))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, run_worker, stats,
-                     worker_main, write_results)
+from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, report,
+                     run_worker, stats, worker_main)
 
 QUESTION = "What is in the image? Describe it."
 
@@ -228,15 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     ap.add_argument("--out", default="results/question")
     a = ap.parse_args(argv)
-    try:
-        result = run(a)
-    except RuntimeError as e:
-        print(f"mobilevlm-bench question: {e}", file=sys.stderr)
-        return 1
-    md = table(result)
-    print(md)
-    write_results(a.out, "question", result, md, plot)
-    return 0
+    return report("question", lambda: run(a), table, a.out, plot, errors=(RuntimeError,))
 
 
 if __name__ == "__main__":

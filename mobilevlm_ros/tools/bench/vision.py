@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import barh, finish_machine, machine_info, machine_line, write_results
+from .common import barh, finish_machine, machine_info, machine_line, report
 
 
 def _torch_dtypes() -> tuple:
@@ -233,15 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for vision.json and vision.md")
     a = ap.parse_args(argv)
     from ...core.errors import MobileVLMError
-    try:
-        result = run(a)
-    except MobileVLMError as e:
-        print(f"mobilevlm-bench vision: {e}", file=sys.stderr)
-        return 1
-    md = table(result)
-    print(md)
-    write_results(a.out, "vision", result, md, plot)
-    return 0
+    return report("vision", lambda: run(a), table, a.out, plot, errors=(MobileVLMError,))
 
 
 if __name__ == "__main__":
