@@ -328,3 +328,18 @@ def test_an_answer_stops_a_background_encode_and_its_frame_stays_pending(newer_f
         assert store.stats()["front"].dropped == (2 if newer_frame else 0)
     model.release.set()                              # the next encode runs to the end
     assert [c.stamp_ns for c in store.encode_pending(model)] == [pending.stamp_ns]
+
+
+def test_an_aborted_encode_requeues_only_frames_that_decoded():
+    """A frame that could not be decoded was counted as rejected once: an abort does not put it
+    back to be rejected again."""
+    store = FrameStore(["front", "rear"], 4)
+    model = SlowModel()
+    store.offer(frame("front", NOW - S))
+    store.offer(frame("rear", NOW - S, pixels=None, compressed=b"\xff\xd8\xff" + b"junk", fmt="jpeg"))
+    worker = background_encode(store, model)
+    with store.hold_background(abort_running=True):
+        worker.join(5.0)
+        assert not worker.is_alive() and store.encodes_aborted == 1
+        assert store.cameras["front"].pending is not None and store.cameras["rear"].pending is None
+        assert store.stats()["rear"].rejected == 1

@@ -18,4 +18,6 @@ class ImageError(MobileVLMError):
 
 
 class EncodeAborted(MobileVLMError):
-    """An encode stopped by its Abort before it finished; nothing was computed for its frames."""
+    """An encode stopped by its Abort before it finished; nothing was computed for its frames
+    (`frames`: the frames it was given, filled in by whoever knows them)."""
+    frames: list = []

@@ -316,10 +316,10 @@ class FrameStore:
                 abort = self._background = Abort()
             try:
                 return self._encode(model, taken, abort=abort)
-            except EncodeAborted:
+            except EncodeAborted as e:
                 with self._lock:
                     self.encodes_aborted += 1
-                    for f in taken:         # encoded again later, unless a newer frame replaces it
+                    for f in e.frames:      # encoded again later, unless a newer frame replaces it
                         cam = self.cameras[f.camera]
                         if cam.pending is None:
                             cam.pending = f
@@ -376,7 +376,8 @@ class FrameStore:
             return []
         try:
             embeddings = model.encode([p for _, p in ready], "rgb", abort=abort)
-        except EncodeAborted:
+        except EncodeAborted as e:
+            e.frames = [f for f, _ in ready]    # to encode again (undecodable ones are counted already)
             raise
         except Exception as e:
             with self._lock:
