@@ -208,9 +208,10 @@ class MobileVLMNode(LifecycleNode):
 
     def _lower_ros_threads(self, nice: int) -> None:
         """The node's Python threads but the engine's workers (the main thread, which runs the
-        executor: messages deserialised, callbacks) get `nice`. DDS's own receive threads keep their priority: at a lower one a camera driver
-        on the same cores would starve them and large frames would be lost in the socket. llama.cpp's
-        compute threads are made by the generation worker. Raising a nice value needs no
+        executor: messages deserialised, callbacks) get `nice`. DDS's own receive threads keep their
+        priority: at a lower one a camera driver on the same cores would starve them and large
+        frames would be lost in the socket. llama.cpp's compute threads are made by the generation
+        worker. Raising a nice value needs no
         privilege, lowering it back would: after a re-activation the new workers inherit the value
         of the thread that started them."""
         if nice <= 0 or not os.path.isdir("/proc/self/task"):

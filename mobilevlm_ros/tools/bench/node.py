@@ -125,14 +125,14 @@ def run_figures(outcomes, warmup_s: float) -> dict:
         i = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
         return values[i]
     lat, age = [o.latency_ms for o in answers], [o.frame_age_ms for o in answers]
+    # where an answer's time goes: waiting for the decoder (an encode or prefill in flight, an
+    # earlier request), its own prefill, decoding, and the service round trip
+    wait = [o.total_ms - o.vision_ms - o.prefill_ms - o.decode_ms for o in answers]
     return {"answers_run": len(answers), "answer_ms_p50": pct(lat, 50), "answer_ms_p95": pct(lat, 95),
             "frame_age_ms_p50": pct(age, 50), "frame_age_ms_p95": pct(age, 95),
             "on_demand_run": sum(o.vision_ms > 0 for o in answers),
             "first_token_ms_p50": pct([o.first_token_ms for o in answers], 50),
-            # where an answer's time goes: waiting for the decoder (an encode or prefill in flight,
-            # an earlier request), its own prefill, decoding, and the service round trip
-            "wait_ms_p50": pct([o.total_ms - o.vision_ms - o.prefill_ms - o.decode_ms for o in answers], 50),
-            "wait_ms_p95": pct([o.total_ms - o.vision_ms - o.prefill_ms - o.decode_ms for o in answers], 95),
+            "wait_ms_p50": pct(wait, 50), "wait_ms_p95": pct(wait, 95),
             "prefill_ms_p50": pct([o.prefill_ms for o in answers], 50),
             "decode_tok_s_p50": pct([(o.tokens - 1) / o.decode_ms * 1e3 for o in answers
                                      if o.tokens > 1 and o.decode_ms > 0], 50),
@@ -239,7 +239,7 @@ def table(result: dict) -> str:
         ratio = f"{p50 / iso_ms:.2f}x / {p95 / iso_ms:.2f}x" if iso_ms and p50 and p95 else "–"
         lines.append(f"| {r['stream']} | {r['dds']} | {r.get('answers_run', 0)} | {_num(p50)} / {_num(p95)} | "
                      f"{ratio} | {_num(r.get('first_token_ms_p50'))} | {_num(r.get('wait_ms_p50'))} / "
-                     f"{_num(r.get('wait_ms_p95'))} | {fmt_rate(r.get('decode_tok_s_p50'))} | "
+                     f"{_num(r.get('wait_ms_p95'))} | {_num(r.get('decode_tok_s_p50'), 1)} | "
                      f"{_num(r.get('transport_ms_p50'))} | {_num(r.get('frame_age_ms_p50'))} / "
                      f"{_num(r.get('frame_age_ms_p95'))} | {r.get('on_demand_run', 0)} |")
     params = " ".join(f"{k}:={v}" for k, v in result.get("params", {}).items()) or "none"
@@ -265,12 +265,8 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
-def _num(v) -> str:
-    return "–" if v is None or v != v else f"{v:.0f}"
-
-
-def fmt_rate(v) -> str:
-    return "–" if v is None or v != v else f"{v:.1f}"
+def _num(v, digits: int = 0) -> str:
+    return "–" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def plot(result: dict, ax) -> None:
