@@ -668,7 +668,9 @@ def test_manual_lifecycle_without_autostart(rclpy_context, tiny_v2):
         get = node.create_client(GetState, f"{name}/get_state")
         setp = node.create_client(SetParameters, f"{name}/set_parameters")
         ask = node.create_client(AskService, f"{name}/ask")
-        assert change.wait_for_service(timeout_sec=60), proc.log()
+        # each client is discovered on its own: a request sent before its server is matched is lost
+        for client in (change, get, setp):
+            assert client.wait_for_service(timeout_sec=60), proc.log()
 
         def transition(tid):
             req = ChangeState.Request()
