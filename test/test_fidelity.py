@@ -203,6 +203,8 @@ def test_export_writes_gpt2_vocab_gqa_and_no_output_head(world, bench):
     d = LlamaCppDecoder(art / "llm-f16.gguf", tok, threads=2, n_ctx=512)
     try:
         assert d.n_vocab == tok.vocab_size == 49152 and d.n_embd == 576
+        # a byte-level BPE's "\n" after the image: one token, evaluated with the image (tied embeddings)
+        assert [tok.decode([t]) for t in d.frame_tail] == ["\n"]
     finally:
         d.close()
 
@@ -290,6 +292,7 @@ def test_new_quant_types_export_and_load(tiny_v2, tmp_path):
         assert expect[q] in {t.tensor_type.name for t in r.tensors}
         d = LlamaCppDecoder(path, tok, quant=q, threads=2)
         try:
+            assert d.frame_tail == p.suffix[:2]         # its token_embd rows dequantize exactly
             got = d.teacher_forced_logits(p, img, ids)
             g = d.generate(p, img, GenerationParams(max_new_tokens=4, min_new_tokens=4))
         finally:

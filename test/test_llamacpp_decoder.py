@@ -159,10 +159,12 @@ def test_second_question_evaluates_only_its_text(v2):
         assert a.timings["evaluated_prompt_tokens"] == p1.total        # first call: everything
         b = d.generate(p2, img, GREEDY16)
         assert b.cached_prefix_tokens == len(p2.prefix) + p2.image_tokens
-        assert b.timings["evaluated_prompt_tokens"] == len(p2.suffix)   # only the question's text
+        tail = len(d.frame_tail)
+        assert tail == 2                                                # "▁", "\n": in the frame's state
+        assert b.timings["evaluated_prompt_tokens"] == len(p2.suffix) - tail   # only the question's text
         assert b.prompt_tokens == p2.total
         c = d.generate(p1, img, GREEDY16)                                  # the same question again
-        assert c.ids == a.ids and c.timings["evaluated_prompt_tokens"] == len(p1.suffix)
+        assert c.ids == a.ids and c.timings["evaluated_prompt_tokens"] == len(p1.suffix) - tail
         other = v2.images[2]
         e = d.generate(v2.prompt(QUESTIONS[0], other), other, GREEDY16)   # new frame: prefix reused
         assert e.cached_prefix_tokens == len(p1.prefix)
@@ -188,6 +190,38 @@ def test_answers_do_not_depend_on_the_cache_state(v2):
             assert got == v2.fresh(i, q), (step, i, q, d.cached_frames())
     finally:
         d.close()
+
+
+def test_frame_tail_goes_with_the_image(v2, dec):
+    """The template's "\n" after the image is evaluated with the image, as its token-embedding rows
+    (load checks they give the tokens' logits), so a question evaluates only its own text. Against
+    a decoder without the tail: the same logits within rounding (other batches). A suffix that does
+    not start with the tail is answered from the image's cells alone, the same on every path."""
+    p = v2.prompt(QUESTIONS[1], v2.images[0])
+    assert [v2.tok.sp.id_to_piece(i) for i in dec.frame_tail] == ["▁", "<0x0A>"]
+    assert dec.frame_tail == p.suffix[:2]
+    plain = v2.decoder("f16")
+    plain.frame_tail, plain._tail_rows = (), None
+    try:
+        for i in (0, 3):
+            img = v2.images[i]
+            p = v2.prompt(QUESTIONS[1], img)
+            ids = dec.generate(p, img, GREEDY16).ids
+            want = plain.teacher_forced_logits(p, img, ids)
+            got = dec.teacher_forced_logits(p, img, ids)
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() / want.std() < 0.01
+            odd = PromptIds(p.prefix, p.suffix[1:], p.image_tokens)      # starts with "\n", not "▁"
+            first = dec.generate(odd, img, GREEDY16)                       # frame cached by the above
+            assert first.timings["evaluated_prompt_tokens"] == len(odd.suffix)
+            dec.clear_cache()
+            assert dec.generate(odd, img, GREEDY16).ids == first.ids       # frame evaluated for it
+            assert dec.generate(p, img, GREEDY16).ids == ids               # and the tail is back
+            want = plain.teacher_forced_logits(odd, img, first.ids)
+            got = dec.teacher_forced_logits(odd, img, first.ids)
+            assert np.abs(got - want).max() / want.std() < 0.01
+    finally:
+        plain.close()
 
 
 def test_image_longer_than_n_batch(v2, dec):
@@ -220,8 +254,14 @@ def test_lru_eviction(v2):
         again = d.generate(again_prompt, imgs[0], GREEDY16)                # evicted: image evaluated again
         assert again.cached_prefix_tokens == len(again_prompt.prefix)
         assert again.timings["evaluated_prompt_tokens"] == again_prompt.image_tokens + len(again_prompt.suffix)
-        assert again.ids == ans[0].ids
+        assert again.ids == ans[0].ids                                       # into a recycled buffer
         assert d.cached_frames() == [imgs[1].key, imgs[0].key]
+        frame_bytes = next(iter(d._frames.values())).nbytes
+        for im in v2.images:                                               # evictions: buffers reused
+            d.generate(v2.prompt(QUESTIONS[1], im), im, GREEDY16)
+        assert len(d._spare) <= 1 and d.cached_state_bytes() <= d._prefix[1].nbytes + 3 * frame_bytes
+        d.clear_cache()
+        assert d.generate(again_prompt, imgs[0], GREEDY16).ids == ans[0].ids
     finally:
         d.close()
 
@@ -250,7 +290,7 @@ def test_prefill_leaves_a_question_only_its_text(v2, kind):
         g = d.generate(p, img, GREEDY16)
         assert g.cached_prefix_tokens == len(p.prefix) + p.image_tokens
         if kind == "llamacpp":
-            assert g.timings["evaluated_prompt_tokens"] == len(p.suffix)
+            assert g.timings["evaluated_prompt_tokens"] == len(p.suffix) - len(d.frame_tail)
         assert g.ids == without_prefill(2, QUESTIONS[0])
         # an interrupted prefill caches nothing, and the frame is evaluated by its question instead
         other = v2.images[3]

@@ -3,7 +3,8 @@
     "<system> USER: <image>\\n<question> ASSISTANT:"
 
 Each side of <image> is tokenized on its own; only the first gets BOS. The image embeddings take the
-place of <image>. The part before the image is the same for every question, so decoders cache it.
+place of <image>. The part before the image is the same for every question, so decoders cache it;
+so are the first tokens after it (`frame_tail`), which a decoder may evaluate with the image.
 """
 from __future__ import annotations
 
@@ -45,3 +46,16 @@ def build_prompt(tokenizer: Tokenizer, question: str, image_tokens: int) -> Prom
     before, after = v1_prompt(question).split(IMAGE_TOKEN)
     return PromptIds(tuple(tokenizer.encode(before, add_bos=True)), tuple(tokenizer.encode(after)),
                      image_tokens)
+
+
+def frame_tail(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The tokens that open the text after the image whatever the question (MobileLLaMA: "▁" and
+    "\\n"): the common start of the suffixes of two questions that begin with different characters.
+    A question whose suffix does not start with them (its first characters merged with the
+    newline) must be evaluated from the image without them."""
+    a = build_prompt(tokenizer, "A", 0).suffix
+    b = build_prompt(tokenizer, "1", 0).suffix
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    return tuple(a[:n])

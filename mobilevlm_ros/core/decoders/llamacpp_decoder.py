@@ -16,9 +16,16 @@ and question gave different greedy answers on AVX-512 machines.) Images always g
 batches (n_batch rows, one batch at the default n_batch).
 
     prefix state   BOS + system + "USER: ", evaluated once per load
-    frame states   prefix + the frame's image tokens, LRU over max_cached_frames (host memory,
-                   2 x layers x kv width x 2 bytes per token: 35 MB per frame at 1.7B)
-    the context    the state being answered from, + "\\n<question> ASSISTANT:" + the answer
+    frame states   prefix + the frame's image tokens + the frame tail ("\\n", the same for every
+                   question), LRU over max_cached_frames (host memory, 2 x layers x kv width x
+                   2 bytes per token: 35 MB per frame at 1.7B)
+    the context    the state being answered from, + "<question> ASSISTANT:" + the answer
+
+The frame tail goes in the image's batch as its token-embedding rows (read from the GGUF; checked
+at load to give the same logits as the tokens), so a question evaluates two tokens fewer: on
+2 cores a small batch costs ~15 ms a token, and the question's batch is all of time to first token.
+A question whose text does not start with the tail is evaluated from the image without it (the
+tail's cells removed from the restored state).
 
 A prefill while idle can be interrupted (a request arrived): `interrupt` is polled by llama.cpp
 between graph nodes through its abort callback, so a question waits milliseconds, not a whole
@@ -46,7 +53,7 @@ import numpy as np
 
 from ..errors import ModelLoadError, RequestError
 from ..generation import GenerationParams
-from ..prompt import PromptIds
+from ..prompt import PromptIds, frame_tail
 from ..tokenizer import Tokenizer
 from ..vision import ImageEmbedding
 from .base import Decoder, FrameCache, Turn
@@ -252,7 +259,11 @@ class LlamaCppDecoder(Decoder):
             self._free_native()
             raise
         self.max_cached_frames = max_cached_frames
-        self._frames = FrameCache(max_cached_frames)
+        self._frames = FrameCache(max_cached_frames, on_evict=lambda _key, state: self._recycle(state))
+        # buffers of evicted frame states, reused by the next save: a fresh 35 MB buffer costs
+        # ~80 ms of first-touch page faults (measured in a VM, where large blocks come from mmap)
+        self._spare: list[np.ndarray] = []
+        self.frame_tail, self._tail_rows = self._load_frame_tail()
         self._prefix: Optional[tuple] = None          # (prefix ids, _KVState)
         self._loaded = None                           # the _KVState the context holds as it is
         self._no_abort = lc.ggml_abort_callback()     # NULL: llama.cpp's default, no polling
@@ -290,6 +301,7 @@ class LlamaCppDecoder(Decoder):
     def close(self) -> None:
         self._closed = True
         self._frames.clear()
+        self._spare.clear()
         self._prefix = self._loaded = None
         self._free_native()
 
@@ -303,27 +315,30 @@ class LlamaCppDecoder(Decoder):
         """Forget the cached prefix and frames (the next question evaluates everything)."""
         self._check_open()
         self.lc.llama_memory_clear(self._mem, False)
+        for state in self._frames.values():
+            self._recycle(state)
         self._frames.clear()
         self._prefix = self._loaded = None
 
     def cached_state_bytes(self) -> int:
-        """Host memory held by the cached KV states (prefix and frames)."""
+        """Host memory held by the cached KV states (prefix and frames) and their spare buffers."""
         frames = sum(f.nbytes for f in list(self._frames.values()))
-        return frames + (self._prefix[1].nbytes if self._prefix else 0)
+        spare = sum(a.nbytes for a in list(self._spare))
+        return frames + spare + (self._prefix[1].nbytes if self._prefix else 0)
 
     def _turn(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams) -> "_LlamaTurn":
         self._check_open()
         embeds = self._check_request(prompt, image)
         try:
             frame, cached, prefix_ms = self._frame_state(prompt, image, embeds)
-            self._restore(frame)
+            pos, skip = self._place(frame, prompt)
         except BaseException:
             self._loaded = None
             raise
         timings = {"prefix_prefill_ms": prefix_ms,
                    "evaluated_prompt_tokens": (len(prompt.prefix) if prefix_ms else 0)
-                   + (0 if cached else prompt.image_tokens) + len(prompt.suffix)}
-        return _LlamaTurn(self, frame.n_pos, cached, None if params.greedy else self._sampler(params), timings)
+                   + (0 if cached else prompt.image_tokens + len(self.frame_tail)) + len(prompt.suffix) - skip}
+        return _LlamaTurn(self, pos, skip, cached, None if params.greedy else self._sampler(params), timings)
 
     def prefill(self, prompt: PromptIds, image: ImageEmbedding,
                 interrupt: Optional[Callable[[], bool]] = None) -> bool:
@@ -347,8 +362,9 @@ class LlamaCppDecoder(Decoder):
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         frame, _, _ = self._frame_state(prompt, image, embeds)
-        self._restore(frame)
-        first = len(prompt.suffix) - 1          # the suffix's last token predicts ids[0]
+        pos, skip = self._place(frame, prompt)
+        tokens = tokens[skip:]
+        first = len(prompt.suffix) - skip - 1   # the suffix's last token predicts ids[0]
         rows = []
         b = self._tok_batch
         try:
@@ -356,7 +372,7 @@ class LlamaCppDecoder(Decoder):
                 chunk = tokens[start:start + self.n_batch]
                 for i, t in enumerate(chunk):
                     b.token[i] = t
-                    b.pos[i] = frame.n_pos + start + i
+                    b.pos[i] = pos + start + i
                     b.n_seq_id[i] = 1
                     b.seq_id[i][0] = SEQ
                     b.logits[i] = int(start + i >= first)
@@ -406,7 +422,8 @@ class LlamaCppDecoder(Decoder):
 
     def _frame_state(self, prompt: PromptIds, image: ImageEmbedding, embeds: np.ndarray,
                      interrupt: Optional[Callable[[], bool]] = None):
-        """(the KV state of prefix + this frame's image tokens, whether it was cached, prefix ms).
+        """(the KV state of prefix + this frame's image tokens + the frame tail, whether it was
+        cached, prefix ms).
         Evaluates what is missing, each part into an emptied cache. With `interrupt`, the image
         evaluation stops (raising _Interrupted, nothing cached) as soon as it returns True."""
         prefix_ms = 0.0
@@ -423,16 +440,77 @@ class LlamaCppDecoder(Decoder):
         prefix = self._prefix[1]
         self._restore(prefix)
         self._loaded = None
+        if self._tail_rows is not None:
+            embeds = np.concatenate([embeds, self._tail_rows])
         self._decode_embeds(embeds, prefix.n_pos, interrupt)
         frame = self._save(prefix.n_pos + embeds.shape[0])
         self._frames.put(key, frame)
         return frame, False, prefix_ms
 
+    def _place(self, frame: _KVState, prompt: PromptIds) -> tuple[int, int]:
+        """Restore `frame` for `prompt`: (the position its text starts at, how many of its suffix's
+        tokens the state holds already). A suffix that does not start with the frame tail gets the
+        state without the tail's cells (the image's cells keep their values: attention is causal)."""
+        self._restore(frame)
+        n = len(self.frame_tail)
+        if tuple(prompt.suffix[:n]) == self.frame_tail and len(prompt.suffix) > n:
+            return frame.n_pos, n
+        if n:
+            self._loaded = None
+            if not self.lc.llama_memory_seq_rm(self._mem, SEQ, frame.n_pos - n, -1):
+                raise RequestError("llama.cpp could not remove the frame tail from the KV cache"
+                                   + llama_log_tail())
+        return frame.n_pos - n, 0
+
+    def _load_frame_tail(self) -> tuple[tuple[int, ...], Optional[np.ndarray]]:
+        """The frame tail's ids and token-embedding rows, float32 [n, n_embd], from the GGUF's
+        token_embd as llama.cpp dequantizes it; ((), None) where that does not give the logits
+        the tokens give (a type gguf cannot dequantize, an architecture that scales embeddings)."""
+        tail = frame_tail(self.tok)
+        if not tail or self.gpu_layers:
+            return (), None
+        try:
+            import gguf
+            reader = gguf.GGUFReader(str(self.path))
+            table = next(t for t in reader.tensors if t.name == "token_embd.weight")
+            rows = gguf.quants.dequantize(np.asarray(table.data[list(tail)]), table.tensor_type)
+            rows = np.ascontiguousarray(rows.reshape(len(tail), self.n_embd), dtype=np.float32)
+            del reader, table
+        except Exception as e:
+            log.info("frame tail off: token_embd not readable from %s (%s: %s)", self.path.name,
+                     type(e).__name__, e)
+            return (), None
+        # one evaluation each way from an empty cache: the same logits, or no tail
+        try:
+            self.lc.llama_memory_clear(self._mem, False)
+            self._decode_tokens(tail, 0)
+            from_tokens = self._logits().copy()
+            self.lc.llama_memory_clear(self._mem, False)
+            b = self._emb_batch
+            ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
+            for i in range(len(tail)):
+                b.pos[i], b.n_seq_id[i], b.logits[i] = i, 1, int(i == len(tail) - 1)
+                b.seq_id[i][0] = SEQ
+            b.n_tokens = len(tail)
+            self._decode(b)
+            same = np.array_equal(from_tokens, self._logits())
+        finally:
+            self.lc.llama_memory_clear(self._mem, False)
+            self._loaded = None
+        if not same:
+            log.info("frame tail off: %s's token_embd rows do not give the tokens' logits", self.path.name)
+            return (), None
+        return tail, rows
+
     def _save(self, n_pos: int) -> _KVState:
         """The context's sequence (cells 0..n_pos-1) as a state; the context keeps holding it."""
         lc = self.lc
         size = lc.llama_state_seq_get_size(self._ctx, SEQ)
-        data = np.empty(size, dtype=np.uint8)
+        data = next((a for a in self._spare if a.size == size), None)
+        if data is not None:
+            self._spare.remove(data)
+        else:
+            data = np.empty(size, dtype=np.uint8)
         got = lc.llama_state_seq_get_data(self._ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
                                           size, SEQ)
         if got != size:
@@ -441,9 +519,19 @@ class LlamaCppDecoder(Decoder):
         self._loaded = state
         return state
 
+    def _recycle(self, state: _KVState) -> None:
+        """An evicted frame state's buffer becomes a spare (at most max_cached_frames of them)."""
+        if state.data is not None and len(self._spare) < self.max_cached_frames:
+            self._spare.append(state.data)
+        state.data = None
+        if self._loaded is state:
+            self._loaded = None
+
     def _restore(self, state: _KVState) -> None:
         """Empty the cache and put `state` back into cells 0..n_pos-1 (skipped when the context
         holds exactly that state already: the same cells with the same values)."""
+        if state.data is None:
+            raise RequestError("internal: a recycled KV state was restored")
         if self._loaded is state:
             return
         lc = self.lc
@@ -584,10 +672,13 @@ __all__ = ["LlamaCppDecoder", "route_llama_logs", "llama_log_tail", "default_thr
 class _LlamaTurn(Turn):
     """An answer on the llama.cpp context, from the restored frame state at position `pos`."""
 
-    def __init__(self, dec: LlamaCppDecoder, pos: int, cached: bool, sampler, timings: dict):
-        self.dec, self.pos, self.frame_cached, self.sampler, self.timings = dec, pos, cached, sampler, timings
+    def __init__(self, dec: LlamaCppDecoder, pos: int, skip: int, cached: bool, sampler, timings: dict):
+        self.dec, self.pos, self.skip, self.frame_cached = dec, pos, skip, cached
+        self.sampler, self.timings = sampler, timings
 
     def eval_text(self, ids) -> None:
+        ids = ids[self.skip:]                   # the frame tail is in the restored state
+        self.skip = 0
         self.dec._decode_tokens(ids, self.pos)
         self.dec._loaded = None                 # the context holds more than the frame now
         self.pos += len(ids)

@@ -259,7 +259,8 @@ def _worker_quant(job: dict) -> dict:
         if pure is None:
             rss_ours = peak_rss_mb()
             pure = PureLlama(dec.lc, dec._model, dec.n_embd, dec.threads, job["n_ctx_pure"], dec.n_batch)
-        r = pure.run(prompts[1].prefix, frame().embeds, prompts[1].suffix, n_gen)
+        # the question ours evaluates with its new frame (c above): the same token counts
+        r = pure.run(prompts[2].prefix, frame().embeds, prompts[2].suffix, n_gen)
         if record:
             rows["llama_pp_tok_s"].append(r["pp_tok_s"])
             rows["llama_tg_tok_s"].append(r["tg_tok_s"])
@@ -285,8 +286,9 @@ def _worker_quant(job: dict) -> dict:
     result = {"quant": quant, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
               "load_s": load_s, "n_ctx": dec.n_ctx, "n_batch": dec.n_batch, "threads": dec.threads,
               "extra_buffers": dec.extra_buffers,
-              "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,
-                                "suffix": len(prompts[1].suffix)},
+              "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,     # decode's
+                                "suffix": len(prompts[1].suffix), "frame_tail": len(dec.frame_tail),
+                                "prompt_eval_suffix": len(prompts[2].suffix)},
               "peak_rss_mb": rss_ours, "peak_rss_with_llama_ctx_mb": peak_rss_mb(),
               **{k: stats(v) for k, v in rows.items()}}
     # ours and llama.cpp's runs alternate: the ratio of each pair cancels load that hit both
