@@ -224,6 +224,41 @@ def test_frame_tail_goes_with_the_image(v2, dec):
         plain.close()
 
 
+def test_question_batch_padding(v2, dec, monkeypatch):
+    """A question batch one or two short of a multiple of 16 is padded with copies of its last token
+    (faster kernels) whose cells are removed: the same logits as unpadded within rounding, nothing
+    left in the KV cache past the question, and the same answer on every path."""
+    from mobilevlm_ros.core.decoders import llamacpp_decoder as mod
+    img = v2.images[0]
+    words = "is there a red cup on the table near the door or not at all today".split()
+    want_len = {m - k for m in (16, 32) for k in (1, 2)}
+    found = []
+    for n in range(1, len(words) + 1):
+        p = v2.prompt(" ".join(words[:n]) + "?", img)
+        if len(p.suffix) - len(dec.frame_tail) in want_len:
+            found.append(p)
+    assert found, "no question of a padded length"
+
+    def first_logits(p, pad):
+        monkeypatch.setattr(mod, "PAD_MAX", 2 if pad else 0)
+        frame, _, _ = dec._frame_state(p, img, img.embeds)
+        pos, skip = dec._place(frame, p)
+        dec._decode_question(p.suffix[skip:], pos)
+        out = dec._logits().copy()
+        top = dec.lc.llama_memory_seq_pos_max(dec._mem, 0)
+        dec._loaded = None
+        return out, top, pos + len(p.suffix) - skip - 1
+    for p in found:
+        padded, top, last = first_logits(p, True)
+        plain, top_plain, _ = first_logits(p, False)
+        assert top == top_plain == last                                   # the padding's cells are gone
+        assert np.abs(padded - plain).max() / plain.std() < 0.01
+        monkeypatch.setattr(mod, "PAD_MAX", 2)
+        a = dec.generate(p, img, GREEDY16).ids
+        dec.clear_cache()
+        assert dec.generate(p, img, GREEDY16).ids == a
+
+
 def test_image_longer_than_n_batch(v2, dec):
     """With n_batch 64 the 144 image rows go in three batches instead of one: other arithmetic (the
     contract holds per set of parameters), so the logits agree closely, not bit for bit."""

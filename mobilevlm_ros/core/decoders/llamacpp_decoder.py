@@ -63,6 +63,10 @@ llama_log = logging.getLogger("mobilevlm_ros.llama_cpp")
 
 SEQ = 0                     # the context's only sequence
 DEFAULT_N_BATCH = 512
+# A question's batch one or two tokens short of a multiple of 16 is padded to it: llama.cpp's
+# repacked x86 kernels take such a batch in fewer, wider steps (1.7B on 2 Xeon cores, Q4_K_M:
+# 14 tokens 220 ms, 15 tokens 234 ms, 16 tokens 189 ms; Q4_0 and Q8_0 alike).
+PAD_MULTIPLE, PAD_MAX = 16, 2
 
 
 class _Interrupted(Exception):
@@ -561,6 +565,25 @@ class LlamaCppDecoder(Decoder):
             b.n_tokens = len(chunk)
             self._decode(b)
 
+    def _decode_question(self, ids, pos0: int) -> None:
+        """The question's text from position pos0, logits for its last token; padded per
+        PAD_MULTIPLE with copies of the last token, whose cells are removed again (causal
+        attention: they change no real row)."""
+        ids = [int(t) for t in ids]
+        n = len(ids)
+        m = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+        if m - n > PAD_MAX or m == n or m > self.n_batch or pos0 + m > self.n_ctx:
+            self._decode_tokens(ids, pos0)
+            return
+        b = self._tok_batch
+        for i, t in enumerate(ids + [ids[-1]] * (m - n)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + i, 1, int(i == n - 1)
+            b.seq_id[i][0] = SEQ
+        b.n_tokens = m
+        self._decode(b)
+        if not self.lc.llama_memory_seq_rm(self._mem, SEQ, pos0 + n, -1):
+            raise RequestError("llama.cpp could not remove the padding from the KV cache" + llama_log_tail())
+
     def _decode_embeds(self, embeds: np.ndarray, pos0: int,
                        interrupt: Optional[Callable[[], bool]] = None):
         """Evaluate image embeddings from position pos0, n_batch rows per llama_decode (one batch at
@@ -679,7 +702,7 @@ class _LlamaTurn(Turn):
     def eval_text(self, ids) -> None:
         ids = ids[self.skip:]                   # the frame tail is in the restored state
         self.skip = 0
-        self.dec._decode_tokens(ids, self.pos)
+        self.dec._decode_question(ids, self.pos)
         self.dec._loaded = None                 # the context holds more than the frame now
         self.pos += len(ids)
 
