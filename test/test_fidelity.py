@@ -200,7 +200,7 @@ def test_export_writes_gpt2_vocab_gqa_and_no_output_head(world, bench):
     assert "output.weight" not in names and "token_embd.weight" in names        # tied: llama.cpp reuses it
     assert (art / "tokenizer.json").is_file() and not (art / "tokenizer.model").exists()
     tok = load_tokenizer(art)
-    d = LlamaCppDecoder(art / "llm-f16.gguf", tok, threads=2, n_ctx=512)
+    d = LlamaCppDecoder(art / "llm-f16.gguf", tok, threads=2, n_ctx=512, frame_tail=True)
     try:
         assert d.n_vocab == tok.vocab_size == 49152 and d.n_embd == 576
         # a byte-level BPE's "\n" after the image: one token, evaluated with the image (tied embeddings)
@@ -290,7 +290,7 @@ def test_new_quant_types_export_and_load(tiny_v2, tmp_path):
         r = gguf.GGUFReader(str(path))
         assert _field(r, "general.file_type") == QUANT_FTYPES[q]
         assert expect[q] in {t.tensor_type.name for t in r.tensors}
-        d = LlamaCppDecoder(path, tok, quant=q, threads=2)
+        d = LlamaCppDecoder(path, tok, quant=q, threads=2, frame_tail=True)
         try:
             assert d.frame_tail == p.suffix[:2]         # its token_embd rows dequantize exactly
             got = d.teacher_forced_logits(p, img, ids)

@@ -64,6 +64,7 @@ class World:
 
     def decoder(self, quant="f16", **kw):
         kw.setdefault("threads", 2)
+        kw.setdefault("frame_tail", True)       # off by default; the contract must hold with it too
         return LlamaCppDecoder(self.path(quant), self.tok, quant=quant, **kw)
 
     def prompt(self, question, image=None):
@@ -200,8 +201,8 @@ def test_frame_tail_goes_with_the_image(v2, dec):
     p = v2.prompt(QUESTIONS[1], v2.images[0])
     assert [v2.tok.sp.id_to_piece(i) for i in dec.frame_tail] == ["▁", "<0x0A>"]
     assert dec.frame_tail == p.suffix[:2]
-    plain = v2.decoder("f16")
-    plain.frame_tail, plain._tail_rows = (), None
+    plain = v2.decoder("f16", frame_tail=False)
+    assert plain.frame_tail == ()                                          # the default: off
     try:
         for i in (0, 3):
             img = v2.images[i]

@@ -16,14 +16,15 @@ and question gave different greedy answers on AVX-512 machines.) Images always g
 batches (n_batch rows, one batch at the default n_batch).
 
     prefix state   BOS + system + "USER: ", evaluated once per load
-    frame states   prefix + the frame's image tokens + the frame tail ("\\n", the same for every
+    frame states   prefix + the frame's image tokens (+ with frame_tail: "\\n", the same for every
                    question), LRU over max_cached_frames (host memory, 2 x layers x kv width x
                    2 bytes per token: 35 MB per frame at 1.7B)
-    the context    the state being answered from, + "<question> ASSISTANT:" + the answer
+    the context    the state being answered from, + the rest of "\\n<question> ASSISTANT:" + the answer
 
-The frame tail goes in the image's batch as its token-embedding rows (read from the GGUF; checked
-at load to give the same logits as the tokens), so a question evaluates two tokens fewer: on
-2 cores a small batch costs ~15 ms a token, and the question's batch is all of time to first token.
+With frame_tail (off by default, see _load_frame_tail) the frame tail goes in the image's batch as
+its token-embedding rows (read from the GGUF; checked at load to give the same logits as the
+tokens), so a question evaluates two tokens fewer: on 2 cores a small batch costs ~15 ms a token,
+and the question's batch is all of time to first token.
 A question whose text does not start with the tail is evaluated from the image without it (the
 tail's cells removed from the restored state).
 
@@ -185,14 +186,16 @@ class LlamaCppDecoder(Decoder):
     def __init__(self, model_path, tokenizer: Tokenizer, quant: Optional[str] = None, threads: int = 0,
                  threads_batch: int = 0, gpu_layers: int = 0, max_cached_frames: int = 4,
                  n_ctx: int = 0, n_batch: int = DEFAULT_N_BATCH, flash_attn: Optional[bool] = None,
-                 extra_buffers: Optional[bool] = None, mmap: Optional[bool] = None):
+                 extra_buffers: Optional[bool] = None, mmap: Optional[bool] = None,
+                 frame_tail: bool = False):
         """Load a GGUF file. threads/threads_batch 0 = every core this process may use; gpu_layers:
         layers offloaded to a GPU (needs a CUDA/Metal build; -1 = all); n_ctx 0 = the model's
         training context (KV cells for one prompt and its answer); n_batch: most rows per
         llama_decode (an image goes in one batch when it has no more tokens than that);
         extra_buffers: llama.cpp's repacked weight layouts (CPU_REPACK, AMX); None = on unless the
         CPU backend uses AMX; mmap: map the file instead of reading it; None = map unless the weights
-        are repacked on the CPU."""
+        are repacked on the CPU; frame_tail: evaluate the template's newline with the image (off:
+        see _load_frame_tail)."""
         self._model = self._ctx = None
         self._tok_batch = self._emb_batch = None
         self._closed = True
@@ -267,7 +270,7 @@ class LlamaCppDecoder(Decoder):
         # buffers of evicted frame states, reused by the next save: a fresh 35 MB buffer costs
         # ~80 ms of first-touch page faults (measured in a VM, where large blocks come from mmap)
         self._spare: list[np.ndarray] = []
-        self.frame_tail, self._tail_rows = self._load_frame_tail()
+        self.frame_tail, self._tail_rows = self._load_frame_tail() if frame_tail else ((), None)
         self._prefix: Optional[tuple] = None          # (prefix ids, _KVState)
         self._loaded = None                           # the _KVState the context holds as it is
         self._no_abort = lc.ggml_abort_callback()     # NULL: llama.cpp's default, no polling
@@ -469,7 +472,10 @@ class LlamaCppDecoder(Decoder):
     def _load_frame_tail(self) -> tuple[tuple[int, ...], Optional[np.ndarray]]:
         """The frame tail's ids and token-embedding rows, float32 [n, n_embd], from the GGUF's
         token_embd as llama.cpp dequantizes it; ((), None) where that does not give the logits
-        the tokens give (a type gguf cannot dequantize, an architecture that scales embeddings)."""
+        the tokens give (a type gguf cannot dequantize, an architecture that scales embeddings).
+        Off by default: the question bench gains 31 ms to the first token with it, but in the node
+        (mobilevlm-bench node, shipped defaults, Xeon, 2026-12-05) decoding ran at 13.5 tokens/s with
+        it against 17.2 without, reproduced twice; the cause is not found yet."""
         tail = frame_tail(self.tok)
         if not tail or self.gpu_layers:
             return (), None
