@@ -7,6 +7,7 @@ from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
@@ -47,6 +48,33 @@ def wait_future(future, timeout):
     return future.result()
 
 
+# requests that change nothing, one per service type a test calls: answered, they show that both
+# directions of the service have matched (see match_service)
+NO_OP_REQUESTS = {
+    GetState: GetState.Request,
+    ChangeState: lambda: ChangeState.Request(transition=Transition(label="no_such_transition")),
+    SetParameters: lambda: SetParameters.Request(parameters=[]),
+}
+
+
+def match_service(client, timeout=60.0, attempt_s=2.0):
+    """Wait until `client` gets replies from its server. wait_for_service only says that the server
+    reads our requests; Fast DDS drops a reply whose reader the server has not matched within 100 ms
+    (rmw_fastrtps#390, #467: "client will not receive response"), which on a loaded CI machine lost
+    the first get_state of a test. So send a request that changes nothing until one is answered."""
+    deadline = time.monotonic() + timeout
+    assert client.wait_for_service(timeout_sec=timeout), f"no server for {client.srv_name}"
+    make = NO_OP_REQUESTS[client.srv_type]
+    while True:
+        done = threading.Event()
+        future = client.call_async(make())
+        future.add_done_callback(lambda _f: done.set())
+        if done.wait(min(attempt_s, max(0.0, deadline - time.monotonic()))):
+            return future.result()
+        client.remove_pending_request(future)
+        assert time.monotonic() < deadline, f"{client.srv_name}: no reply to any request within {timeout} s"
+
+
 class Client:
     """This test's side of the graph: publishers, the service/action clients and listeners."""
 
@@ -61,6 +89,7 @@ class Client:
         self.change_state = self.node.create_client(ChangeState, f"{self.ns}/change_state")
         self.get_state = self.node.create_client(GetState, f"{self.ns}/get_state")
         self.pubs = {}
+        self.matched = set()
         self.diag, self.diag_count = {}, 0
         self.answers, self.captions = [], []
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
@@ -88,6 +117,11 @@ class Client:
 
     def now(self):
         return self.node.get_clock().now()
+
+    def _matched(self, client):
+        if client.srv_name not in self.matched:
+            match_service(client, timeout=20)
+            self.matched.add(client.srv_name)
 
     def publisher(self, cam, compressed=False):
         key = (cam, compressed)
@@ -177,17 +211,17 @@ class Client:
         else:
             p.value.type, p.value.string_value = ParameterType.PARAMETER_STRING, value
         req = SetParameters.Request(parameters=[p])
-        assert self.set_params.wait_for_service(timeout_sec=10)
+        self._matched(self.set_params)
         return wait_future(self.set_params.call_async(req), 20).results[0]
 
     def transition(self, transition_id):
-        assert self.change_state.wait_for_service(timeout_sec=10)
+        self._matched(self.change_state)
         req = ChangeState.Request()
         req.transition.id = transition_id
         return wait_future(self.change_state.call_async(req), 60).success
 
     def state(self):
-        assert self.get_state.wait_for_service(timeout_sec=10)
+        self._matched(self.get_state)
         return wait_future(self.get_state.call_async(GetState.Request()), 10).current_state.label
 
 
