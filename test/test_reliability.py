@@ -168,6 +168,7 @@ def test_flood_of_frames_and_clients(client, node):
         flood.wait_ready(60)
         s = flood.run(20.0, warmup_s=6.0, sample_period_s=0.5)
     print(json.dumps({k: v for k, v in s.__dict__.items()}, indent=1, default=str))
+    print("RSS", [(r["t_s"], r.get("rss_mb")) for r in flood.samples])
     assert node.proc.poll() is None, node.log()
     assert s.requests_sent >= 20 and s.responses == s.requests_sent, f"{s.lost} requests got no response"
     assert s.answered > 0 and s.answered + s.busy == s.responses, s.error_kinds
