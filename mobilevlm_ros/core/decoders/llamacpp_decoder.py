@@ -64,10 +64,13 @@ llama_log = logging.getLogger("mobilevlm_ros.llama_cpp")
 
 SEQ = 0                     # the context's only sequence
 DEFAULT_N_BATCH = 512
-# A question's batch one or two tokens short of a multiple of 16 is padded to it: llama.cpp's
-# repacked x86 kernels take such a batch in fewer, wider steps (1.7B on 2 Xeon cores, Q4_K_M:
-# 14 tokens 220 ms, 15 tokens 234 ms, 16 tokens 189 ms; Q4_0 and Q8_0 alike).
-PAD_MULTIPLE, PAD_MAX = 16, 2
+# A question's batch up to four tokens short of a multiple of 16 is padded to it: llama.cpp's
+# repacked x86 kernels multiply 16 rows at a time and take a remainder row by row, at about 1.5x
+# a row's cost in a full block. 1.7B Q4_K_M, 2 cores, median ms by batch size:
+#   AMD EPYC (AVX-512 VNNI): 11: 196, 12: 199, 13: 211, 14: 230, 15: 240, 16: 187; 26: 338, 32: 349
+#   Intel Xeon (AVX-512, AMX unused): 11: 185, 14: 220, 15: 234, 16: 189
+# so padding pays from 12 of 16 on both; at 11 it is a wash on the Xeon.
+PAD_MULTIPLE, PAD_MAX = 16, 4
 
 
 class _Interrupted(Exception):
