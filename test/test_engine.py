@@ -237,6 +237,38 @@ def test_threaded_prefill_then_question_about_that_frame(cpp_model, tiny_v2_arti
         fresh.close()
 
 
+def test_threaded_prefill_interrupted_by_a_question_is_tried_again(cpp_model, monkeypatch):
+    """A question about an older frame interrupts the newest frame's prefill; once the decoder is idle
+    the newest frame is prefilled after all (not left for a later question to evaluate)."""
+    engine = Engine(cpp_model, EngineConfig(vision_rate_hz=0.0, max_new_tokens=4))
+    engine.start()
+    try:
+        now = time.time_ns()
+        a = engine.offer_raw("front", header(now), now, raw(synthetic_frame(120, 160, 5)))
+        assert wait_for(lambda: engine.stats().counts["frames_prefilled"] >= 1)
+        real_prefill, calls = cpp_model.prefill, []
+
+        def prefill(image, interrupt=None):
+            calls.append(image.key)
+            if len(calls) == 1:             # the tiny model's prefill is too quick to catch: hold the
+                assert wait_for(interrupt, 30)  # first one until the question interrupts it
+                return False
+            return real_prefill(image, interrupt)
+        monkeypatch.setattr(cpp_model, "prefill", prefill)
+        now = time.time_ns()
+        b = engine.offer_raw("front", header(now), now, raw(synthetic_frame(120, 160, 6)))
+        assert wait_for(lambda: calls)
+        r = engine.submit(Request(Q, stamp_ns=a.stamp_ns)).result(30)
+        assert r.success and r.frame_seq == a.seq
+        assert wait_for(lambda: engine.stats().counts["frames_prefilled"] >= 2)
+        assert calls[0] == calls[-1] and len(calls) == 2          # the same frame, tried again once
+        assert calls[0] in cpp_model.decoder.cached_frames()
+        r = engine.submit(Request(Q)).result(30)
+        assert r.success and r.frame_seq == b.seq
+    finally:
+        engine.stop("test over")
+
+
 def test_threaded_cancel_stop_and_one_result_each(torch_model):
     engine = Engine(torch_model, EngineConfig(vision_rate_hz=0.0, max_queue=4))
     engine.start()
