@@ -59,7 +59,8 @@ class LoadOptions:
     vision_tower: Optional[str] = None  # explicit CLIP folder for V1 checkpoints
     onnx_providers: Optional[list] = None
     engine_cache: Optional[str] = None  # TensorRT engine / timing cache folder
-    n_ctx: int = 0                      # shorthand for llamacpp.n_ctx (a node parameter)
+    n_ctx: int = 1024                   # llamacpp.n_ctx unless 0 (a node parameter): the KV buffer
+                                        # is resident whole, 1024 cells hold a prompt and answer
     llamacpp: LlamaCppOptions = field(default_factory=LlamaCppOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 

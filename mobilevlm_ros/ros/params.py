@@ -80,7 +80,7 @@ PARAMS = (
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),
     _node("device", "cpu", "torch backends: cpu, cuda or cuda:N", "configure"),
     _node("gpu_layers", 0, "llama.cpp layers offloaded to the GPU; -1 = all", "configure", low=-1, high=100000),
-    _node("n_ctx", 1024, "llama.cpp KV cells for one prompt and its answer; 0 = the model's training context",
+    _node("n_ctx", LoadOptions.n_ctx, "llama.cpp KV cells for one prompt and its answer; 0 = the model's training context",
           "configure", low=0, high=1 << 20),
     # cameras
     _engine("cameras"),
