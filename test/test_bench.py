@@ -12,6 +12,7 @@ import pytest
 
 from mobilevlm_ros.tools.bench import all as bench_all
 from mobilevlm_ros.tools.bench.bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
+from mobilevlm_ros.tools.bench.batches import parse_sizes
 from mobilevlm_ros.tools.bench.common import fmt, stats
 from mobilevlm_ros.tools.bench.memory import parse_configs
 from mobilevlm_ros.tools.bench.node import window_figures
@@ -85,6 +86,42 @@ def test_memory_configurations_are_parsed_or_refused():
     for bad in ("int8", "+q4_k_m", "int8+"):
         with pytest.raises(ValueError, match="VISION_DTYPE\\+QUANT"):
             parse_configs(bad)
+
+
+def test_batch_sizes_are_parsed_or_refused():
+    assert parse_sizes("1-3,8,12-13") == [1, 2, 3, 8, 12, 13]
+    for bad in ("0-3", "x", ""):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+
+
+def test_batches_bench_pads_as_the_decoder_does(tmp_path, tiny_v2_artifacts):
+    """Every size is timed both ways, and the 'evaluated' column is the decoder's own padding rule:
+    up to PAD_MAX short of a multiple of 16 goes to it, the rest as it is."""
+    from mobilevlm_ros.core.decoders.llamacpp_decoder import PAD_MAX
+    out = tmp_path / "batches"
+    rc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.bench", "batches", "--model",
+                         str(tiny_v2_artifacts), "--quant", "f16", "--sizes", "10-17", "--repeats", "1",
+                         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    r = json.loads((out / "batches.json").read_text())
+    assert r["pad_max"] == PAD_MAX
+    assert [row["tokens"] for row in r["rows"]] == list(range(10, 18))
+    for row in r["rows"]:
+        assert row["evaluated"] == (16 if 16 - PAD_MAX <= row["tokens"] <= 16 else row["tokens"])
+        assert row["ms"]["n"] == row["ms_unpadded"]["n"] == 1 and row["ms"]["median"] > 0
+    assert (out / "batches.md").read_text().startswith("| question tokens |") and (out / "batches.png").is_file()
+
+
+def test_onnx_runtime_profile_splits_a_run_by_operator(tiny_v2_artifacts):
+    import numpy as np
+    from mobilevlm_ros.core.preprocess import preprocess
+    from mobilevlm_ros.tools.bench.vision import bench_frames, ort_op_profile
+    pixels = preprocess(bench_frames(1)[0])[None]
+    prof = ort_op_profile(tiny_v2_artifacts / "vision-int8.onnx", pixels.astype(np.float32), threads=1, runs=2)
+    ops = prof["ops_ms"]
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops, ops      # the int8 graph's matmuls
+    assert 0 < sum(ops.values()) <= prof["run_ms"] * 1.05 + 0.5                # kernels within the run
 
 
 def _s(median):

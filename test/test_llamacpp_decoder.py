@@ -230,10 +230,10 @@ def test_question_batch_padding(v2, dec, monkeypatch):
     (faster kernels) whose cells are removed: the same logits as unpadded within rounding, nothing
     left in the KV cache past the question, and the same answer on every path."""
     from mobilevlm_ros.core.decoders import llamacpp_decoder as mod
-    pad_max = mod.PAD_MAX
     img = v2.images[0]
     words = "is there a red cup on the table near the door or not at all today".split()
     want_len = {m - k for m in (16, 32) for k in range(1, mod.PAD_MAX + 1)}
+    assert dec.pad_max == mod.PAD_MAX
     found = []
     for n in range(1, len(words) + 1):
         p = v2.prompt(" ".join(words[:n]) + "?", img)
@@ -242,7 +242,7 @@ def test_question_batch_padding(v2, dec, monkeypatch):
     assert found, "no question of a padded length"
 
     def first_logits(p, pad):
-        monkeypatch.setattr(mod, "PAD_MAX", pad_max if pad else 0)
+        monkeypatch.setattr(dec, "pad_max", mod.PAD_MAX if pad else 0)
         frame, _, _ = dec._frame_state(p, img, img.embeds)
         pos, skip = dec._place(frame, p)
         dec._decode_question(p.suffix[skip:], pos)
@@ -255,7 +255,7 @@ def test_question_batch_padding(v2, dec, monkeypatch):
         plain, top_plain, _ = first_logits(p, False)
         assert top == top_plain == last                                   # the padding's cells are gone
         assert np.abs(padded - plain).max() / plain.std() < 0.01
-        monkeypatch.setattr(mod, "PAD_MAX", pad_max)
+        monkeypatch.setattr(dec, "pad_max", mod.PAD_MAX)
         a = dec.generate(p, img, GREEDY16).ids
         dec.clear_cache()
         assert dec.generate(p, img, GREEDY16).ids == a

@@ -274,6 +274,7 @@ class LlamaCppDecoder(Decoder):
         # ~80 ms of first-touch page faults (measured in a VM, where large blocks come from mmap)
         self._spare: list[np.ndarray] = []
         self.frame_tail, self._tail_rows = self._load_frame_tail() if frame_tail else ((), None)
+        self.pad_max = PAD_MAX                        # 0: question batches as they are (benches)
         self._prefix: Optional[tuple] = None          # (prefix ids, _KVState)
         self._loaded = None                           # the _KVState the context holds as it is
         self._no_abort = lc.ggml_abort_callback()     # NULL: llama.cpp's default, no polling
@@ -576,12 +577,12 @@ class LlamaCppDecoder(Decoder):
 
     def _decode_question(self, ids, pos0: int) -> None:
         """The question's text from position pos0, logits for its last token; padded per
-        PAD_MULTIPLE with copies of the last token, whose cells are removed again (causal
-        attention: they change no real row)."""
+        PAD_MULTIPLE (by at most self.pad_max tokens) with copies of the last token, whose cells are
+        removed again (causal attention: they change no real row)."""
         ids = [int(t) for t in ids]
         n = len(ids)
         m = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-        if m - n > PAD_MAX or m == n or m > self.n_batch or pos0 + m > self.n_ctx:
+        if m - n > self.pad_max or m == n or m > self.n_batch or pos0 + m > self.n_ctx:
             self._decode_tokens(ids, pos0)
             return
         b = self._tok_batch

@@ -11,6 +11,9 @@
     mobilevlm-bench memory   --model ART ...        node peak RSS per configuration vs a device budget
     mobilevlm-bench node     --model ART ...        camera streams into the node while it answers:
                                                     callback CPU, frames received/encoded, frame age
+    mobilevlm-bench batches  --model ART ...        a question's own text by its length in tokens (its
+                                                    time to first token), padded as the decoder does it
+                                                    and unpadded
     mobilevlm-bench bandwidth [--gguf FILE]         memory bandwidth and the decode ceiling it allows
     mobilevlm-bench images   [--sizes 640x480,...]  camera frame to RGB per raw encoding (Bayer, YUV,
                                                     16-bit ...), JPEG/PNG decoding OpenCV vs Pillow
@@ -29,7 +32,7 @@ import sys
 SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilevlm_ros.tools.bench.decoder",
                "question": "mobilevlm_ros.tools.bench.question", "memory": "mobilevlm_ros.tools.bench.memory",
                "node": "mobilevlm_ros.tools.bench.node", "bandwidth": "mobilevlm_ros.tools.bench.bandwidth",
-               "images": "mobilevlm_ros.tools.bench.images",
+               "images": "mobilevlm_ros.tools.bench.images", "batches": "mobilevlm_ros.tools.bench.batches",
                "fidelity": "mobilevlm_ros.tools.bench.fidelity", "all": "mobilevlm_ros.tools.bench.all"}
 
 

@@ -103,6 +103,36 @@ def _file_mb(artifacts: Path, manifest: dict, kind: str, dtype: str):
     return round(total / 1e6, 1) if total else None
 
 
+def ort_op_profile(onnx_path: Path, pixels: np.ndarray, threads: int, runs: int = 3) -> dict:
+    """ms per run spent in each ONNX Runtime operator type (its profiler's kernel times, summed
+    over the graph's nodes), on a session of its own with the node's settings (no spinning)."""
+    import json
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory(prefix="mobilevlm-bench-") as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        so.enable_profiling = True
+        session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: pixels}
+        session.run(None, feed)                             # warm-up, profiled too: dropped below
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    model_runs = [e["dur"] for e in events if e.get("name") == "model_run"][1:]
+    warm_end = next(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    ops: dict = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > warm_end:
+            op = e["args"].get("op_name", "?")
+            ops[op] = ops.get(op, 0.0) + e["dur"] / 1e3 / runs
+    return {"run_ms": round(statistics.median(model_runs) / 1e3, 1),
+            "ops_ms": {k: round(v, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}}
+
+
 def run(a) -> dict:
     from ...core.onnx_export import compare
     from ...core.preprocess import preprocess
@@ -179,6 +209,10 @@ def run(a) -> dict:
                 print(f"{kind}/{dtype} batch {batch}: {row['ms_per_frame_median']:.0f} ms/frame "
                       f"(min {row['ms_per_frame_min']:.0f}, max {row['ms_per_frame_max']:.0f}), "
                       f"cosine {row['cosine_vs_torch_fp32']:.6f}", file=sys.stderr, flush=True)
+            if a.profile and kind == "onnxruntime":
+                from ...core.artifacts import artifact_path
+                rows[-1]["op_profile"] = ort_op_profile(artifact_path(artifacts, manifest, "vision", dtype),
+                                                        pixels_all[:1], a.threads)
             backend.close()
             del backend
             gc.collect()
@@ -204,6 +238,12 @@ def table(result: dict) -> str:
                      f"{r['batch']} | {r['ms_per_frame_median']:.0f} | {r['ms_per_frame_min']:.0f} | "
                      f"{r['ms_per_frame_max']:.0f} | {r['frames_per_s']:.2f} | {r['cpu_ms_per_frame_median']:.0f} | "
                      f"{r['cosine_vs_torch_fp32']:.6f} | {r['max_abs_diff']:.3g} |")
+    for r in result["results"]:
+        prof = r.get("op_profile")
+        if prof:
+            top = ", ".join(f"{op} {ms:.0f}" for op, ms in list(prof["ops_ms"].items())[:8])
+            lines.append(f"\nONNX Runtime {r['dtype']}, batch 1, ms per run by operator type "
+                         f"(profiler, {prof['run_ms']:.0f} ms a run): {top}")
     lines.append("")
     lines.append(f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
                  f"{machine_line(result['machine'])}; preprocess {result['preprocess_ms']} ms/frame "
@@ -230,6 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="0 = library default")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile each ONNX Runtime graph by operator type (batch 1)")
     ap.add_argument("--out", default=None, help="folder for vision.json and vision.md")
     a = ap.parse_args(argv)
     from ...core.errors import MobileVLMError
