@@ -73,6 +73,13 @@ DEFAULT_N_BATCH = 512
 PAD_MULTIPLE, PAD_MAX = 16, 4
 
 
+def padded_length(n: int, pad_max: int = PAD_MAX) -> int:
+    """The length a question batch of n tokens is evaluated at: the next multiple of PAD_MULTIPLE
+    when that is at most pad_max tokens away, else n."""
+    m = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+    return m if 0 < m - n <= pad_max else n
+
+
 class _Interrupted(Exception):
     """A prefill stopped by its interrupt callable."""
 
@@ -581,8 +588,8 @@ class LlamaCppDecoder(Decoder):
         removed again (causal attention: they change no real row)."""
         ids = [int(t) for t in ids]
         n = len(ids)
-        m = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-        if m - n > self.pad_max or m == n or m > self.n_batch or pos0 + m > self.n_ctx:
+        m = padded_length(n, self.pad_max)
+        if m == n or m > self.n_batch or pos0 + m > self.n_ctx:
             self._decode_tokens(ids, pos0)
             return
         b = self._tok_batch

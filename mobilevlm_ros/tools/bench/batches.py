@@ -37,6 +37,7 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def run(a) -> dict:
+    from ...core.decoders.llamacpp_decoder import padded_length
     from ...core.generation import GenerationParams
     from ...core.pipeline import LoadOptions, load_model
     from ...core.prompt import PromptIds
@@ -66,19 +67,13 @@ def run(a) -> dict:
                 gen = dec.generate(PromptIds(base.prefix, text[:n], base.image_tokens), emb, one)
                 times[(n, pad)].append(gen.timings["text_prefill_ms"])
         dec.pad_max = shipped_pad
-        rows = [{"tokens": n, "evaluated": _padded(n, shipped_pad),
+        rows = [{"tokens": n, "evaluated": padded_length(n, shipped_pad),
                  "ms": stats(times[(n, True)]), "ms_unpadded": stats(times[(n, False)])} for n in sizes]
         return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "pad_max": shipped_pad,
                 "repeats": a.repeats, "rows": rows, "machine": finish_machine(machine),
                 "decoder": dec.describe()}
     finally:
         model.close()
-
-
-def _padded(n: int, pad_max: int) -> int:
-    from ...core.decoders.llamacpp_decoder import PAD_MULTIPLE
-    m = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-    return m if 0 < m - n <= pad_max else n
 
 
 def table(r: dict) -> str:
