@@ -87,6 +87,23 @@ def validate_pixels(pixels, image_size: int) -> np.ndarray:
     return pixels
 
 
+def session_options(threads: int = 0):
+    """The vision session's ONNX Runtime options (also what the vision bench profiles with)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    # ONNX Runtime's threads spin between and after their work; when an encode overlaps a question
+    # on the same cores that spinning takes the decoder's CPU time. Without it encoding is < 3 %
+    # slower (1.7B dims, int8, 2 cores).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class OnnxRuntimeVision(VisionBackend):
     name = "onnxruntime"
 
@@ -96,17 +113,7 @@ class OnnxRuntimeVision(VisionBackend):
                  input_name: str = "pixel_values", max_batch: int = 4):
         import onnxruntime as ort
         self.path, self.image_size, self.dtype = Path(onnx_path), int(image_size), dtype
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        # ONNX Runtime's threads spin between and after their work; when an encode overlaps a question
-        # on the same cores that spinning takes the decoder's CPU time. Without it encoding is < 3 %
-        # slower (1.7B dims, int8, 2 cores).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so = session_options(threads)
         chosen = select_providers(ort.get_available_providers(), providers, engine_cache,
                                   profile=(input_name, self.image_size, max_batch))
         t0 = time.perf_counter()

@@ -105,14 +105,11 @@ def _file_mb(artifacts: Path, manifest: dict, kind: str, dtype: str):
 
 def ort_op_profile(onnx_path: Path, pixels: np.ndarray, threads: int, runs: int = 3) -> dict:
     """ms per run spent in each ONNX Runtime operator type (its profiler's kernel times, summed
-    over the graph's nodes), on a session of its own with the node's settings (no spinning)."""
+    over the graph's nodes), on a CPU session of its own with the node's options."""
     import json
     import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
+    from ...core.vision_onnx import session_options
+    so = session_options(threads)
     with tempfile.TemporaryDirectory(prefix="mobilevlm-bench-") as tmp:
         so.profile_file_prefix = str(Path(tmp) / "ort")
         so.enable_profiling = True
