@@ -166,6 +166,8 @@ def test_bench_all_quick_end_to_end(tmp_path, tiny_v2):
     for q in res["decoder"]["quants"]:
         assert q["decode_tok_s"]["median"] > 0 and q["llama_tg_tok_s"]["median"] > 0
         assert q["decode_ratio"]["n"] == 1
+        # the question's text after a cached image, ours and llama.cpp's loop, paired
+        assert q["text_ms"]["median"] > 0 and q["llama_text_ms"]["median"] > 0 and q["text_ratio"]["n"] == 1
         c = q["ceiling"]
         assert c["position"] == q["prompt_tokens"]["prefix"] + 144 + q["prompt_tokens"]["suffix"] + 16
         assert 0 < c["weights_bytes"] < q["file_mb"] * 2 ** 20 and c["tok_s"] > 0

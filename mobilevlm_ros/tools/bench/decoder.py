@@ -14,6 +14,9 @@ the model's width; the decoder's cost does not depend on their values):
                       (tokens - 1) single-token evaluations / decode time
   decode, 4 cached    the same with max_cached_frames (4) frames in the KV cache
   TTFT cached frame   first token of a question about a frame already evaluated (text only)
+  text batch          the same for the question the llama.cpp loop evaluates, beside that loop's own
+                      time for its text (one llama_decode after the image) + its first token: the part
+                      of a first token that llama.cpp's kernels set; ratio llama.cpp / ours per pair
   TTFT new frame      ... about a new frame (image + text; prefix reused)
   TTFT no reuse       ... with nothing cached (prefix + image + text: what re-encoding pipelines pay)
   llama.cpp pp / tg   llama.cpp's own speed on the same file, same threads, same process: a plain loop
@@ -186,6 +189,7 @@ class PureLlama:
         t0 = time.perf_counter()
         self._embeds(embeds, pos)
         pos += embeds.shape[0]
+        t_image = time.perf_counter()
         self._tokens(list(suffix), pos, True)
         pos += len(suffix)
         t1 = time.perf_counter()
@@ -202,7 +206,7 @@ class PureLlama:
         t3 = time.perf_counter()
         n_pp = embeds.shape[0] + len(suffix)
         return {"pp_tok_s": n_pp / (t1 - t0), "tg_tok_s": (n_gen - 1) / (t3 - t2),
-                "ttft_ms": (t2 - t0) * 1e3}
+                "ttft_ms": (t2 - t0) * 1e3, "text_ms": (t2 - t_image) * 1e3}
 
     def close(self):
         lc = self.lc
@@ -238,7 +242,7 @@ def _worker_quant(job: dict) -> dict:
     rss_ours = None
     rows = {k: [] for k in ("prompt_eval_tok_s", "decode_tok_s", "ttft_cached_ms", "ttft_new_frame_ms",
                             "ttft_no_reuse_ms", "llama_pp_tok_s", "llama_tg_tok_s", "llama_ttft_ms",
-                            "decode_4cached_tok_s")}
+                            "text_ms", "llama_text_ms", "decode_4cached_tok_s")}
 
     def ours(record: bool):
         f, g = frame(), frame()
@@ -247,12 +251,14 @@ def _worker_quant(job: dict) -> dict:
         b = dec.generate(prompts[1], f, forced)         # frame cached: text only; then decode
         assert len(b.ids) == n_gen, (len(b.ids), n_gen)
         c = dec.generate(prompts[2], g, one)            # new frame, prefix cached
+        d = dec.generate(prompts[2], g, one)            # the same question, its frame cached: text only
         if record:
             rows["ttft_no_reuse_ms"].append(a.first_token_ms)
             rows["ttft_cached_ms"].append(b.first_token_ms)
             rows["decode_tok_s"].append((n_gen - 1) / (b.decode_ms / 1e3))
             rows["ttft_new_frame_ms"].append(c.first_token_ms)
             rows["prompt_eval_tok_s"].append(c.timings["evaluated_prompt_tokens"] / (c.prefill_ms / 1e3))
+            rows["text_ms"].append(d.first_token_ms)
 
     def theirs(record: bool):
         nonlocal pure, rss_ours
@@ -265,6 +271,7 @@ def _worker_quant(job: dict) -> dict:
             rows["llama_pp_tok_s"].append(r["pp_tok_s"])
             rows["llama_tg_tok_s"].append(r["tg_tok_s"])
             rows["llama_ttft_ms"].append(r["ttft_ms"])
+            rows["llama_text_ms"].append(r["text_ms"])
 
     for i in range(warmup + repeats):
         record = i >= warmup
@@ -294,6 +301,7 @@ def _worker_quant(job: dict) -> dict:
     # ours and llama.cpp's runs alternate: the ratio of each pair cancels load that hit both
     result["decode_ratio"] = stats([d / t for d, t in zip(rows["decode_tok_s"], rows["llama_tg_tok_s"])])
     result["prompt_eval_ratio"] = stats([p / q for p, q in zip(rows["prompt_eval_tok_s"], rows["llama_pp_tok_s"])])
+    result["text_ratio"] = stats([t / o for o, t in zip(rows["text_ms"], rows["llama_text_ms"])])
     pure.close()
     dec.close()
     return result
@@ -308,7 +316,7 @@ def _work(job: dict) -> dict:
 def table(result: dict) -> str:
     head = ("| quant | file MB | prompt eval tok/s | llama.cpp pp tok/s | decode tok/s | llama.cpp tg tok/s "
             "| ratio | ceiling tok/s | ours / ceiling | decode, 4 frames cached | TTFT cached frame ms "
-            "| TTFT new frame ms | TTFT no reuse ms | peak RSS MB |")
+            "| text batch ms, ours / llama.cpp (ratio) | TTFT new frame ms | TTFT no reuse ms | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["quants"]:
         c = r.get("ceiling", {})
@@ -316,6 +324,7 @@ def table(result: dict) -> str:
                      f"{fmt(r['llama_pp_tok_s'])} | {fmt(r['decode_tok_s'], 2)} | {fmt(r['llama_tg_tok_s'], 2)} | "
                      f"{fmt(r['decode_ratio'], 2)} | {c.get('tok_s', 0):.1f} | {c.get('ours_fraction', 0):.2f} | "
                      f"{fmt(r['decode_4cached_tok_s'], 2)} | {fmt(r['ttft_cached_ms'], 0)} | "
+                     f"{_text_cell(r)} | "
                      f"{fmt(r['ttft_new_frame_ms'], 0)} | {fmt(r['ttft_no_reuse_ms'], 0)} | {r['peak_rss_mb']:.0f} |")
     bw = result.get("bandwidth", {})
     ex = result.get("export", {})
@@ -323,6 +332,11 @@ def table(result: dict) -> str:
              f"{result['tokens']} tokens decoded per run; {machine_line(result['machine'])}.",
              "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file, per pair of "
              "alternating runs (target >= 0.95).",
+             "text batch = a question's own text evaluated after its frame's image (already in the decoder) "
+             "and its first token sampled, the question of TTFT new frame "
+             f"({result['quants'][0]['prompt_tokens'].get('prompt_eval_suffix', '?')} tokens): ours as a question "
+             "about a cached frame, llama.cpp's as one llama_decode after the image in its loop; ratio = "
+             "llama.cpp ms / ours per pair.",
              "weight layout: " + ("llama.cpp's repacked one (CPU_REPACK)"
                                   if result["quants"][0].get("extra_buffers", True)
                                   else "plain (this CPU backend has AMX, whose matmul crashes)") + "."]
@@ -335,6 +349,12 @@ def table(result: dict) -> str:
     if ex and not ex.get("cached") and ex.get("seconds"):
         notes.append(f"GGUF export: {ex['seconds']:.0f} s, peak RSS {ex['peak_rss_mb']:.0f} MB.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def _text_cell(r: dict) -> str:
+    if "text_ms" not in r:                      # a result written before the column existed
+        return "-"
+    return f"{fmt(r['text_ms'], 0)} / {fmt(r['llama_text_ms'], 0)} ({r['text_ratio']['median']:.2f})"
 
 
 def plot(result: dict, ax) -> None:
