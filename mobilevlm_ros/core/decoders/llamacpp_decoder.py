@@ -91,7 +91,7 @@ class _LogRouter:
     """Collects llama.cpp's log fragments into lines, logs them at DEBUG and remembers the recent
     warnings/errors so that exceptions can quote them."""
 
-    LEVELS = {0: "NONE", 1: "INFO", 2: "WARN", 3: "ERROR", 4: "DEBUG", 5: "CONT"}
+    LEVELS = {0: "NONE", 1: "DEBUG", 2: "INFO", 3: "WARN", 4: "ERROR", 5: "CONT"}     # enum ggml_log_level
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -121,7 +121,7 @@ class _LogRouter:
         if not line.strip(" ."):
             return
         llama_log.debug("[%s] %s", self.LEVELS.get(self.level, self.level), line)
-        if self.level in (2, 3):
+        if self.level in (3, 4):
             self.problems.append(line.strip())
 
     def tail(self, clear=True) -> str:
