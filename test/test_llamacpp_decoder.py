@@ -1,4 +1,5 @@
 """LlamaCppDecoder: the GGUF decoder against the torch reference, and its determinism contract.
+Every test that takes the `v2` world runs once per installed engine (llama.cpp, ik_llama.cpp).
 
 Two kinds of checks, never mixed:
 - Different arithmetic (llama.cpp F16 / Q8_0 vs the float32 torch reference) is compared through
@@ -11,6 +12,7 @@ Two kinds of checks, never mixed:
   question before, an interrupted prefill, eviction and re-evaluation) must give identical ids:
   that is the contract (every evaluation runs in one fixed KV layout, see llamacpp_decoder.py).
 """
+import copy
 import logging
 import threading
 
@@ -26,7 +28,7 @@ for _mod in ("llama_cpp", "gguf"):
         pytest.skip(_reason, allow_module_level=True)
 
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder  # noqa: E402
+from mobilevlm_ros.core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, engine_available  # noqa: E402
 from mobilevlm_ros.core.decoders.torch_decoder import TorchDecoder  # noqa: E402
 from mobilevlm_ros.core.errors import ModelLoadError, RequestError  # noqa: E402
 from mobilevlm_ros.core.generation import GenerationParams  # noqa: E402
@@ -42,6 +44,10 @@ QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many
 GREEDY16 = GenerationParams(max_new_tokens=16)
 F16_ANSWER_BOUND = 0.90
 Q8_FIRST_TOKEN_BOUND = 0.80
+ENGINES_HERE = [e for e in ENGINES if engine_available(e)]
+for _e in ENGINES:
+    if _e not in ENGINES_HERE:
+        print(f"test_llamacpp_decoder: engine {_e} not tested: its Python package is not installed")
 
 
 class World:
@@ -58,6 +64,13 @@ class World:
         self.images = vision.encode(frames)
         self.torch = TorchDecoder.from_state(self.ckpt.config.llm, self.ckpt.state, self.tok)
         self._ref, self._fresh = {}, {}
+        self.engine = "llama.cpp"
+
+    def on(self, engine):
+        """This world with decoders of `engine` (files, frames and caches shared)."""
+        view = copy.copy(self)
+        view.engine = engine
+        return view
 
     def path(self, quant):
         return self.out / self.llm[quant]["file"]
@@ -65,6 +78,7 @@ class World:
     def decoder(self, quant="f16", **kw):
         kw.setdefault("threads", 2)
         kw.setdefault("frame_tail", True)       # off by default; the contract must hold with it too
+        kw.setdefault("engine", self.engine)
         return LlamaCppDecoder(self.path(quant), self.tok, quant=quant, **kw)
 
     def prompt(self, question, image=None):
@@ -73,14 +87,15 @@ class World:
 
     def fresh(self, i, question, quant="f16"):
         """The contract's baseline: a new decoder, nothing cached, the frame evaluated by its question."""
-        if (quant, i, question) not in self._fresh:
+        key = (self.engine, quant, i, question)
+        if key not in self._fresh:
             d = self.decoder(quant)
             try:
                 img = self.images[i]
-                self._fresh[quant, i, question] = d.generate(self.prompt(question, img), img, GREEDY16).ids
+                self._fresh[key] = d.generate(self.prompt(question, img), img, GREEDY16).ids
             finally:
                 d.close()
-        return self._fresh[quant, i, question]
+        return self._fresh[key]
 
     def reference(self, i, question):
         """TorchDecoder's greedy answer (cached: the reference is deterministic)."""
@@ -96,9 +111,14 @@ def worlds(tiny_v1, tiny_v2, tmp_path_factory):
             "v2": World(tiny_v2, tmp_path_factory.mktemp("llm-v2"))}
 
 
+@pytest.fixture(scope="module", params=ENGINES_HERE)
+def engine(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def v2(worlds):
-    return worlds["v2"]
+def v2(worlds, engine):
+    return worlds["v2"].on(engine)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +137,10 @@ def _forced(world, dec, i, question):
 
 
 @pytest.mark.parametrize("quant,bound,min_decided", [("f16", 0.03, 0.8), ("q8_0", 0.30, 0.25)])
-def test_logits_match_the_reference_within_rounding(worlds, quant, bound, min_decided):
+def test_logits_match_the_reference_within_rounding(worlds, engine, quant, bound, min_decided):
     tally = MarginTally()
     for name, w in worlds.items():
-        d = w.decoder(quant)
+        d = w.on(engine).decoder(quant)
         try:
             for i in range(len(w.images)):
                 for q in QUESTIONS:
@@ -129,7 +149,7 @@ def test_logits_match_the_reference_within_rounding(worlds, quant, bound, min_de
                     assert corr > 0.99, (name, i, q, corr)
         finally:
             d.close()
-    print(f"\n[{quant}] teacher-forced: {tally.summary(bound)}")
+    print(f"\n[{engine} {quant}] teacher-forced: {tally.summary(bound)}")
     assert tally.worst < bound
     assert tally.flipped == 0
     assert tally.decided >= min_decided * tally.positions   # the check is not vacuous
@@ -141,7 +161,7 @@ def test_missing_rotary_permutation_is_caught(v2, tmp_path, monkeypatch):
     import mobilevlm_ros.core.gguf_export as ge
     monkeypatch.setattr(ge, "permute_qk", lambda w, n: w)
     bad = ge.export_gguf(v2.ckpt, tmp_path, ["f16"])
-    d = LlamaCppDecoder(tmp_path / bad["f16"]["file"], v2.tok, threads=2)
+    d = LlamaCppDecoder(tmp_path / bad["f16"]["file"], v2.tok, threads=2, engine=v2.engine)
     try:
         errs = [float(position_errors(*_forced(v2, d, i, QUESTIONS[0])[:2]).max()) for i in range(4)]
     finally:
@@ -470,14 +490,14 @@ def test_bad_requests(v2, dec):
 
 def test_load_errors_and_close(v2, tmp_path):
     with pytest.raises(ModelLoadError, match="missing file"):
-        LlamaCppDecoder(tmp_path / "nope.gguf", v2.tok)
+        LlamaCppDecoder(tmp_path / "nope.gguf", v2.tok, engine=v2.engine)
     (tmp_path / "text.gguf").write_text("hello, not a model\n" * 100)
     with pytest.raises(ModelLoadError, match="not a GGUF"):
-        LlamaCppDecoder(tmp_path / "text.gguf", v2.tok)
+        LlamaCppDecoder(tmp_path / "text.gguf", v2.tok, engine=v2.engine)
     data = v2.path("q8_0").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="could not load"):
-        LlamaCppDecoder(tmp_path / "cut.gguf", v2.tok)
+        LlamaCppDecoder(tmp_path / "cut.gguf", v2.tok, engine=v2.engine)
     with pytest.raises(ModelLoadError, match="max_cached_frames"):
         v2.decoder("q8_0", max_cached_frames=0)
     # artifacts: the manifest names the file; a missing quant and a mismatched model are explained
@@ -501,10 +521,10 @@ def test_threads_and_logging(v2, caplog):
         d = v2.decoder("q4_k_m", threads=1, threads_batch=2)
     try:
         assert (d.threads, d.threads_batch) == (1, 2)
-        import llama_cpp as lc
-        assert lc.llama_n_threads(d._ctx) == 1 and lc.llama_n_threads_batch(d._ctx) == 2
-        assert any("n_seq_max" in r.getMessage() and r.getMessage().rstrip().endswith("= 1")
-                   for r in caplog.records)               # one sequence: the fixed KV layout
+        assert d.lc.llama_n_threads(d._ctx) == 1 and d.lc.llama_n_threads_batch(d._ctx) == 2
+        if d.engine == "llama.cpp":     # ik_llama.cpp's llama_n_seq_max returns the KV size (old llama.cpp's)
+            assert d.lc.llama_n_seq_max(d._ctx) == 1         # one sequence: the fixed KV layout
+        assert any("n_ctx" in r.getMessage() for r in caplog.records)     # the library's log is routed
         img = v2.images[0]
         g = d.generate(v2.prompt(QUESTIONS[0], img), img, GREEDY16)
         assert g.ids and g.finish_reason in ("stop", "length")
@@ -535,6 +555,14 @@ def test_weight_layout_avoids_amx(v2, caplog):
     def mapped():
         with open("/proc/self/maps", encoding="utf-8") as f:
             return str(v2.path("q4_k_m")) in f.read()
+
+    if v2.engine == "ik_llama.cpp":             # no AMX code; repacked at load, so read, not mapped
+        d = v2.decoder("q4_k_m")
+        try:
+            assert d.extra_buffers and not d.mmap and not mapped()
+        finally:
+            d.close()
+        return
 
     with caplog.at_level(logging.DEBUG, logger="mobilevlm_ros.llama_cpp"):
         auto = v2.decoder("q4_k_m")

@@ -36,6 +36,7 @@ class LlamaCppOptions:
     extra_buffers: Optional[bool] = None    # None = repacked layouts unless the CPU backend has AMX
     mmap: Optional[bool] = None             # None = map unless the weights are repacked on the CPU
     flash_attn: Optional[bool] = None       # None = llama.cpp's choice
+    engine: str = "auto"                    # auto | llama.cpp | ik_llama.cpp (see LlamaCppDecoder.from_artifacts)
 
 
 @dataclass

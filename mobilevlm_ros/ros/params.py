@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from ..core.pipeline import LoadOptions, QUANTS
+from ..core.pipeline import LlamaCppOptions, LoadOptions, QUANTS
 from ..engine.config import EngineConfig, Spec, check_cameras
 
 
@@ -75,6 +75,8 @@ PARAMS = (
     _node("decoder", "auto", "language decoder; auto = torch for a checkpoint, llamacpp for artifacts",
           "configure", choices=("auto", "torch", "llamacpp")),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
+    _node("llamacpp_engine", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
+          "where it is installed, else llama.cpp", "configure", choices=("auto", "llama.cpp", "ik_llama.cpp")),
     _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
           "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),
@@ -122,4 +124,5 @@ def engine_config(values: Dict[str, Any]) -> EngineConfig:
 def load_options(values: Dict[str, Any]) -> LoadOptions:
     return LoadOptions(vision_backend=values["vision_backend"], decoder=values["decoder"], quant=values["quant"],
                        vision_dtype=values["vision_dtype"], device=values["device"], threads=values["threads"],
-                       gpu_layers=values["gpu_layers"], n_ctx=values["n_ctx"])
+                       gpu_layers=values["gpu_layers"], n_ctx=values["n_ctx"],
+                       llamacpp=LlamaCppOptions(engine=values["llamacpp_engine"]))

@@ -133,19 +133,19 @@ class _LogRouter:
 
 
 _router = _LogRouter()
-_backend_ready = False
+_routed: dict = {}          # engine name -> its log callback, kept alive here
 
 
-def route_llama_logs() -> None:
-    """Send llama.cpp's (and ggml's) log to Python logging at DEBUG; idempotent, process-wide."""
-    global _backend_ready
-    import llama_cpp
-    if _router.callback is None:
-        _router.callback = llama_cpp.llama_log_callback(_router)   # kept alive by the router
-        llama_cpp.llama_log_set(_router.callback, ctypes.c_void_p(0))
-    if not _backend_ready:
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
+def route_llama_logs(lc=None) -> None:
+    """Send llama.cpp's (and ggml's) log to Python logging at DEBUG and initialise the backend;
+    idempotent, process-wide, once per engine library (lc: an engine API, default llama_cpp)."""
+    if lc is None:
+        import llama_cpp as lc
+    name = getattr(lc, "name", "llama.cpp")
+    if name not in _routed:
+        _routed[name] = lc.llama_log_callback(_router)
+        lc.llama_log_set(_routed[name], ctypes.c_void_p(0))
+        lc.llama_backend_init()
 
 
 def llama_log_tail() -> str:
@@ -169,7 +169,39 @@ def cpu_has_amx(lc) -> bool:
         return False
 
 
-def _import_llama_cpp():
+ENGINES = ("llama.cpp", "ik_llama.cpp")
+
+
+def engine_available(engine: str) -> bool:
+    """Whether `engine`'s Python package is installed (it may still fail to load its library)."""
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp" if engine == "llama.cpp" else "ik_llama_cpp") is not None
+
+
+def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
+    """(the engine to load, why) for the option `engine`: auto = ik_llama.cpp for a CPU-only
+    decoder where its package is installed (its small-batch kernels give a question's first token
+    sooner on x86, README), else llama.cpp (GPU offload: the llama-cpp-python build users make for
+    their GPU)."""
+    if engine != "auto":
+        if engine not in ENGINES:
+            raise ModelLoadError(f"unknown llama.cpp engine '{engine}' (choose from auto, {', '.join(ENGINES)})")
+        return engine, "asked for"
+    if gpu_layers:
+        return "llama.cpp", "auto: layers offloaded to a GPU"
+    if not engine_available("ik_llama.cpp"):
+        return "llama.cpp", "auto: ik-llama-cpp-python is not installed"
+    return "ik_llama.cpp", "auto: CPU only, ik-llama-cpp-python installed"
+
+
+def _import_engine(engine: str):
+    """The API object of an engine: llama-cpp-python's module for llama.cpp, an adapter with the
+    same names for ik_llama.cpp (ik_llama_api)."""
+    if engine == "ik_llama.cpp":
+        from . import ik_llama_api
+        return ik_llama_api.load()
+    if engine != "llama.cpp":
+        raise ModelLoadError(f"unknown llama.cpp engine '{engine}' (choose from {', '.join(ENGINES)})")
     try:
         import llama_cpp
     except Exception as e:
@@ -197,7 +229,7 @@ class LlamaCppDecoder(Decoder):
                  threads_batch: int = 0, gpu_layers: int = 0, max_cached_frames: int = 4,
                  n_ctx: int = 0, n_batch: int = DEFAULT_N_BATCH, flash_attn: Optional[bool] = None,
                  extra_buffers: Optional[bool] = None, mmap: Optional[bool] = None,
-                 frame_tail: bool = False):
+                 frame_tail: bool = False, engine: str = "llama.cpp"):
         """Load a GGUF file. threads/threads_batch 0 = every core this process may use; gpu_layers:
         layers offloaded to a GPU (needs a CUDA/Metal build; -1 = all); n_ctx 0 = the model's
         training context (KV cells for one prompt and its answer); n_batch: most rows per
@@ -205,12 +237,14 @@ class LlamaCppDecoder(Decoder):
         extra_buffers: llama.cpp's repacked weight layouts (CPU_REPACK, AMX); None = on unless the
         CPU backend uses AMX; mmap: map the file instead of reading it; None = map unless the weights
         are repacked on the CPU; frame_tail: evaluate the template's newline with the image (off:
-        see _load_frame_tail)."""
+        see _load_frame_tail); engine: "llama.cpp" (llama-cpp-python) or "ik_llama.cpp" (the fork,
+        through ik_llama_api), the same GGUF files either way."""
         self._model = self._ctx = None
         self._tok_batch = self._emb_batch = None
         self._closed = True
-        lc = self.lc = _import_llama_cpp()
-        route_llama_logs()
+        self.engine = engine
+        lc = self.lc = _import_engine(engine)
+        route_llama_logs(lc)
         self.path = Path(model_path)
         self.quant = quant
         self.tok = tokenizer
@@ -298,10 +332,12 @@ class LlamaCppDecoder(Decoder):
         quant = str(opts.quant).lower()
         file = artifact_path(Path(path), manifest, "llm", quant)
         lo = opts.llamacpp
+        engine, why = choose_engine(lo.engine, opts.gpu_layers)
+        log.info("llama.cpp engine: %s (%s)", engine, why)
         dec = cls(file, tokenizer, quant=quant, threads=opts.threads, threads_batch=lo.threads_batch,
                   gpu_layers=opts.gpu_layers, max_cached_frames=opts.max_cached_frames,
                   n_ctx=opts.n_ctx or lo.n_ctx, n_batch=lo.n_batch or DEFAULT_N_BATCH,
-                  flash_attn=lo.flash_attn, extra_buffers=lo.extra_buffers, mmap=lo.mmap)
+                  flash_attn=lo.flash_attn, extra_buffers=lo.extra_buffers, mmap=lo.mmap, engine=engine)
         hidden = manifest.get("hidden_size")
         if hidden is not None and int(hidden) != dec.n_embd:
             dec.close()
@@ -312,7 +348,7 @@ class LlamaCppDecoder(Decoder):
     # ---------------------------------------------------------------------------------- interface
 
     def describe(self) -> dict:
-        return {"decoder": self.name, "quant": self.quant, "file": str(self.path),
+        return {"decoder": self.name, "engine": self.engine, "quant": self.quant, "file": str(self.path),
                 "threads": self.threads, "gpu_layers": self.gpu_layers, "n_ctx": getattr(self, "n_ctx", 0),
                 "extra_buffers": getattr(self, "extra_buffers", None), "mmap": getattr(self, "mmap", None)}
 
@@ -608,15 +644,20 @@ class LlamaCppDecoder(Decoder):
         b = self._emb_batch
         row = self.n_embd * 4
         callback = None
+        # ik_llama.cpp's llama_decode returns 0 after an abort (the graph's status is dropped), with
+        # the evaluation cut short: an abort is known by the callback having said stop
+        stopped = [False]
         if interrupt is not None:
             if interrupt():
                 raise _Interrupted()
 
             def poll(_data, interrupt=interrupt):
                 try:
-                    return bool(interrupt())
+                    stop = bool(interrupt())
                 except Exception:       # never let an exception cross into C
                     return False
+                stopped[0] = stopped[0] or stop
+                return stop
             callback = self.lc.ggml_abort_callback(poll)
             self.lc.llama_set_abort_callback(self._ctx, callback, None)
         try:
@@ -629,7 +670,8 @@ class LlamaCppDecoder(Decoder):
                     b.seq_id[i][0] = SEQ
                     b.logits[i] = 0
                 b.n_tokens = chunk.shape[0]
-                if self._decode(b, abortable=callback is not None):
+                if self._decode(b, abortable=callback is not None) or stopped[0]:
+                    self._loaded = None
                     raise _Interrupted()
         finally:
             if callback is not None:
@@ -706,7 +748,8 @@ def _check_gguf_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is truncated ({size} bytes)")
 
 
-__all__ = ["LlamaCppDecoder", "route_llama_logs", "llama_log_tail", "default_threads"]
+__all__ = ["LlamaCppDecoder", "ENGINES", "choose_engine", "route_llama_logs", "llama_log_tail",
+           "default_threads"]
 
 
 class _LlamaTurn(Turn):
