@@ -32,7 +32,7 @@ import gguf  # noqa: E402
 import torch  # noqa: E402
 
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder  # noqa: E402
+from mobilevlm_ros.core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, engine_available  # noqa: E402
 from mobilevlm_ros.core.decoders.torch_decoder import TorchDecoder  # noqa: E402
 from mobilevlm_ros.core.errors import RequestError  # noqa: E402
 from mobilevlm_ros.core.generation import GenerationParams  # noqa: E402
@@ -309,18 +309,21 @@ def test_fidelity_bench_figures_are_sane(bench):
     md = (out / "fidelity.md").read_text(encoding="utf-8")
     assert cpu_model() in md and "| f16 |" in md and "| q4_0 |" in md
     assert res["settings"]["prompts"] == 4 and res["machine"]["cpu"] == cpu_model()
-    rows = {r["quant"]: r for r in res["quants"]}
-    assert list(rows) == BENCH_QUANTS.split(",")
-    for r in rows.values():
-        assert r["prompts"] == 4 and r["positions"] >= 4
-        assert 0 <= r["kl"]["mean"] <= r["kl"]["max"] < 10 and r["file_mb"] > 50
-    f16 = rows["f16"]
-    # a trained model, F16 rounding: the same top token nearly everywhere, answers the same but for
-    # a near-tie (never exact tokens as such: thresholds, any CPU)
-    assert f16["kl"]["mean"] < 1e-3 and f16["same_top_pct"] >= 90 and f16["answers_identical_pct"] >= 50
-    assert f16["kl"]["mean"] < rows["q4_k_m"]["kl"]["mean"] and f16["kl"]["mean"] < rows["q4_0"]["kl"]["mean"]
-    assert rows["q4_k_m"]["same_top_pct"] >= 50
-    assert rows["f16"]["file_mb"] > 1.8 * rows["q4_0"]["file_mb"]
+    engines = [e for e in ENGINES if engine_available(e)]       # every installed engine, per quant
+    assert [(r["quant"], r["engine"]) for r in res["quants"]] == [(q, e) for q in BENCH_QUANTS.split(",")
+                                                                  for e in engines]
+    for engine in engines:
+        rows = {r["quant"]: r for r in res["quants"] if r["engine"] == engine}
+        for r in rows.values():
+            assert r["prompts"] == 4 and r["positions"] >= 4
+            assert 0 <= r["kl"]["mean"] <= r["kl"]["max"] < 10 and r["file_mb"] > 50
+        f16 = rows["f16"]
+        # a trained model, F16 rounding: the same top token nearly everywhere, answers the same but for
+        # a near-tie (never exact tokens as such: thresholds, any CPU)
+        assert f16["kl"]["mean"] < 1e-3 and f16["same_top_pct"] >= 90 and f16["answers_identical_pct"] >= 50, engine
+        assert f16["kl"]["mean"] < rows["q4_k_m"]["kl"]["mean"] and f16["kl"]["mean"] < rows["q4_0"]["kl"]["mean"]
+        assert rows["q4_k_m"]["same_top_pct"] >= 50, engine
+        assert rows["f16"]["file_mb"] > 1.8 * rows["q4_0"]["file_mb"]
     v = res["vision"]
     assert v["int8_vs_fp32"]["cosine"]["min"] > 0.99
     assert v["answers"]["torch"]["kl"]["mean"] < 0.1 and v["answers"]["q4_k_m"]["prompts"] == 4

@@ -1,7 +1,8 @@
-"""Decoder speed per GGUF quantization: our llama.cpp decoder beside llama.cpp's own loop, one run.
+"""Decoder speed per GGUF quantization and engine: our llama.cpp decoder beside the engine's own loop.
 
     mobilevlm-bench decoder --model CKPT|ARTIFACTS [--quants q4_k_m,q8_0,f16] [--threads N]
                             (--quants also takes q4_0, iq4_xs, q5_k_m)
+                            [--engines llama.cpp,ik_llama.cpp] (default: every installed one)
                             [--tokens 32] [--repeats 3] [--warmup 1] [--n-ctx 0] [--out DIR]
 
 A checkpoint is exported to GGUF first (OUT/gguf, reused while the checkpoint is unchanged); an
@@ -19,7 +20,7 @@ the model's width; the decoder's cost does not depend on their values):
                       of a first token that llama.cpp's kernels set; ratio llama.cpp / ours per pair
   TTFT new frame      ... about a new frame (image + text; prefix reused)
   TTFT no reuse       ... with nothing cached (prefix + image + text: what re-encoding pipelines pay)
-  llama.cpp pp / tg   llama.cpp's own speed on the same file, same threads, same process: a plain loop
+  llama.cpp pp / tg   the engine's own speed on the same file, same threads, same process: a plain loop
                       of llama_decode calls (the same image embeddings + text in n_batch chunks, then
                       1-token batches with llama.cpp's greedy sampler), no caching, no Python per token
   ratio               our decode tok/s / llama.cpp tg tok/s of each pair of runs (target >= 0.95)
@@ -29,7 +30,8 @@ the model's width; the decoder's cost does not depend on their values):
   peak RSS            VmHWM of the child after our decoder's runs, before llama.cpp's own context
 
 Every figure is the median over --repeats timed runs after --warmup untimed ones, with min and max;
-ours and llama.cpp's runs alternate so that background load hits both alike. Prints a markdown table;
+ours and llama.cpp's runs alternate so that background load hits both alike. With several engines,
+each (engine, quantization) runs in its own child, engines one after the other per quantization. Prints a markdown table;
 writes OUT/decoder.json, OUT/decoder.md and OUT/decoder.png.
 """
 from __future__ import annotations
@@ -229,7 +231,7 @@ def _worker_quant(job: dict) -> dict:
     tok = load_tokenizer(job["tokenizer"])
     t0 = time.perf_counter()
     dec = LlamaCppDecoder(job["gguf"], tok, quant=quant, threads=job["threads"], n_ctx=job["n_ctx"],
-                          max_cached_frames=4)
+                          max_cached_frames=4, engine=job["engine"])
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
 
@@ -279,8 +281,8 @@ def _worker_quant(job: dict) -> dict:
         for fn in order:
             fn(record)
         if record:
-            _log(f"  {quant} run {i - warmup + 1}/{repeats}: decode {rows['decode_tok_s'][-1]:.2f} tok/s, "
-                 f"llama.cpp {rows['llama_tg_tok_s'][-1]:.2f} tok/s")
+            _log(f"  {dec.engine} {quant} run {i - warmup + 1}/{repeats}: decode {rows['decode_tok_s'][-1]:.2f} "
+                 f"tok/s, its own loop {rows['llama_tg_tok_s'][-1]:.2f} tok/s")
     # steady state of a node: max_cached_frames frames in the KV cache while answering
     dec.clear_cache()
     frames = [frame() for _ in range(dec.max_cached_frames)]
@@ -290,7 +292,7 @@ def _worker_quant(job: dict) -> dict:
         b = dec.generate(prompts[1], frames[-1], forced)
         rows["decode_4cached_tok_s"].append((n_gen - 1) / (b.decode_ms / 1e3))
     assert len(dec.cached_frames()) == dec.max_cached_frames
-    result = {"quant": quant, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
+    result = {"quant": quant, "engine": dec.engine, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
               "load_s": load_s, "n_ctx": dec.n_ctx, "n_batch": dec.n_batch, "threads": dec.threads,
               "extra_buffers": dec.extra_buffers,
               "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,     # decode's
@@ -314,13 +316,13 @@ def _work(job: dict) -> dict:
 # ------------------------------------------------------------------------------------ report
 
 def table(result: dict) -> str:
-    head = ("| quant | file MB | prompt eval tok/s | llama.cpp pp tok/s | decode tok/s | llama.cpp tg tok/s "
+    head = ("| engine | quant | file MB | prompt eval tok/s | its own loop: pp tok/s | decode tok/s | its own loop: tg tok/s "
             "| ratio | ceiling tok/s | ours / ceiling | decode, 4 frames cached | TTFT cached frame ms "
-            "| text batch ms, ours / llama.cpp (ratio) | TTFT new frame ms | TTFT no reuse ms | peak RSS MB |")
+            "| text batch ms, ours / its loop (ratio) | TTFT new frame ms | TTFT no reuse ms | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["quants"]:
         c = r.get("ceiling", {})
-        lines.append(f"| {r['quant']} | {r['file_mb']:.0f} | {fmt(r['prompt_eval_tok_s'])} | "
+        lines.append(f"| {r.get('engine', 'llama.cpp')} | {r['quant']} | {r['file_mb']:.0f} | {fmt(r['prompt_eval_tok_s'])} | "
                      f"{fmt(r['llama_pp_tok_s'])} | {fmt(r['decode_tok_s'], 2)} | {fmt(r['llama_tg_tok_s'], 2)} | "
                      f"{fmt(r['decode_ratio'], 2)} | {c.get('tok_s', 0):.1f} | {c.get('ours_fraction', 0):.2f} | "
                      f"{fmt(r['decode_4cached_tok_s'], 2)} | {fmt(r['ttft_cached_ms'], 0)} | "
@@ -330,13 +332,13 @@ def table(result: dict) -> str:
     ex = result.get("export", {})
     notes = [f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
              f"{result['tokens']} tokens decoded per run; {machine_line(result['machine'])}.",
-             "ratio = our decode tok/s / llama.cpp's own 1-token decode loop on the same file, per pair of "
+             "ratio = our decode tok/s / the engine's own 1-token decode loop on the same file, per pair of "
              "alternating runs (target >= 0.95).",
              "text batch = a question's own text evaluated after its frame's image (already in the decoder) "
              "and its first token sampled, the question of TTFT new frame "
              f"({result['quants'][0]['prompt_tokens'].get('prompt_eval_suffix', '?')} tokens): ours as a question "
-             "about a cached frame, llama.cpp's as one llama_decode after the image in its loop; ratio = "
-             "llama.cpp ms / ours per pair.",
+             "about a cached frame, the engine's loop as one llama_decode after the image; ratio = "
+             "the loop's ms / ours per pair.",
              "weight layout: " + ("llama.cpp's repacked one (CPU_REPACK)"
                                   if result["quants"][0].get("extra_buffers", True)
                                   else "plain (this CPU backend has AMX, whose matmul crashes)") + "."]
@@ -360,23 +362,23 @@ def _text_cell(r: dict) -> str:
 def plot(result: dict, ax) -> None:
     labels, values, errors, colors = [], [], [], []
     for r in result["quants"]:
-        for label, key, color in (("ours", "decode_tok_s", "tab:blue"), ("llama.cpp", "llama_tg_tok_s", "tab:orange")):
-            labels.append(f"{r['quant']} {label}")
+        for label, key, color in (("ours", "decode_tok_s", "tab:blue"), ("its loop", "llama_tg_tok_s", "tab:orange")):
+            labels.append(f"{r.get('engine', 'llama.cpp')} {r['quant']} {label}")
             values.append(r[key]["median"])
             errors.append(minmax(r[key]))
             colors.append(color)
         if r.get("ceiling"):
-            labels.append(f"{r['quant']} bandwidth ceiling")
+            labels.append(f"{r.get('engine', 'llama.cpp')} {r['quant']} bandwidth ceiling")
             values.append(r["ceiling"]["tok_s"])
             errors.append((r["ceiling"]["tok_s"], r["ceiling"]["tok_s"]))
             colors.append("tab:gray")
     barh(ax, labels, values, errors, xlabel="decode tokens/s (median, min–max)",
-         title="Decode: ours, llama.cpp's own loop, bandwidth ceiling", color=colors,
+         title="Decode: ours, the engine's own loop, bandwidth ceiling", color=colors,
          fmt_value="{:.1f}")
 
 
 def run(a) -> dict:
-    from ...core.decoders.llamacpp_decoder import default_threads
+    from ...core.decoders.llamacpp_decoder import ENGINES, default_threads, engine_available
     from ...core.tokenizer import tokenizer_file
     model = Path(a.model)
     if not model.is_dir():
@@ -385,6 +387,11 @@ def run(a) -> dict:
     bad = [q for q in quants if q not in CHOICES]
     if bad or not quants:
         raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(CHOICES)})")
+    engines = ([e.strip() for e in a.engines.split(",") if e.strip()] if a.engines
+               else [e for e in ENGINES if engine_available(e)])
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise SystemExit(f"mobilevlm-bench decoder: unknown engine {bad} (choose from {', '.join(ENGINES)})")
     threads = a.threads if a.threads > 0 else default_threads()
     out = Path(a.out) if a.out else None
     tmp = None
@@ -403,18 +410,19 @@ def run(a) -> dict:
                   "export": export_info, "quants": []}
         bandwidth = [measure_read_bandwidth(threads=threads)]
         for q in quants:
-            _log(f"{q}: {section[q]['file']} ...")
-            gguf = folder / section[q]["file"]
-            r = _run_child({"kind": "quant", "quant": q, "gguf": str(gguf),
-                            "tokenizer": str(tokenizer), "threads": threads, "tokens": a.tokens,
-                            "repeats": a.repeats, "warmup": a.warmup, "n_ctx": a.n_ctx,
-                            "n_ctx_pure": max(512, a.n_ctx or 0)}, a.timeout)
-            bandwidth.append(measure_read_bandwidth(threads=threads))
-            p = r["prompt_tokens"]      # mean KV position while decoding the measured answer
-            r["ceiling"] = decode_bytes_per_token(gguf, p["prefix"] + p["image"] + p["suffix"] + a.tokens // 2)
-            result["quants"].append(r)
-            _log(f"{q}: decode {r['decode_tok_s']['median']:.2f} tok/s vs llama.cpp "
-                 f"{r['llama_tg_tok_s']['median']:.2f} (ratio {r['decode_ratio']['median']:.2f})")
+            for engine in engines:
+                _log(f"{engine} {q}: {section[q]['file']} ...")
+                gguf = folder / section[q]["file"]
+                r = _run_child({"kind": "quant", "quant": q, "gguf": str(gguf), "engine": engine,
+                                "tokenizer": str(tokenizer), "threads": threads, "tokens": a.tokens,
+                                "repeats": a.repeats, "warmup": a.warmup, "n_ctx": a.n_ctx,
+                                "n_ctx_pure": max(512, a.n_ctx or 0)}, a.timeout)
+                bandwidth.append(measure_read_bandwidth(threads=threads))
+                p = r["prompt_tokens"]      # mean KV position while decoding the measured answer
+                r["ceiling"] = decode_bytes_per_token(gguf, p["prefix"] + p["image"] + p["suffix"] + a.tokens // 2)
+                result["quants"].append(r)
+                _log(f"{engine} {q}: decode {r['decode_tok_s']['median']:.2f} tok/s vs its own loop "
+                     f"{r['llama_tg_tok_s']['median']:.2f} (ratio {r['decode_ratio']['median']:.2f})")
         passes = stats([g for b in bandwidth for g in b["passes_gbps"]])
         result["bandwidth"] = {"median_gbps": passes["median"], "best_gbps": passes["max"],
                                "min_gbps": passes["min"], "n": passes["n"], "measurements": bandwidth}
@@ -439,6 +447,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint folder (exported first) or artifacts folder")
     ap.add_argument("--quants", default=",".join(QUANTS),
                     help=f"comma-separated, from {','.join(CHOICES)} (default {','.join(QUANTS)})")
+    ap.add_argument("--engines", default="", help="comma-separated: llama.cpp, ik_llama.cpp (default: every "
+                    "installed one)")
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per run (EOS ignored)")
     ap.add_argument("--repeats", type=int, default=3)

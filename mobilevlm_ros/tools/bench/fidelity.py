@@ -2,7 +2,7 @@
 
     mobilevlm-bench fidelity [--model CKPT] [--out DIR] [--quants f16,q8_0,q4_k_m,q4_0,iq4_xs,q5_k_m]
                              [--vision-dims 1.7b|tiny] [--questions 10] [--frames 5] [--tokens 32]
-                             [--threads N] [--quick]
+                             [--engines llama.cpp,ik_llama.cpp] [--threads N] [--quick]
 
 A random model's logits have near-ties that any rounding flips, so its greedy answers say little
 about a quantization. This bench uses the SmolLM2 test model instead (`mobilevlm-make-tiny
@@ -15,7 +15,8 @@ Prompts: --questions x --frames (the v1 prompt; synthetic camera-like frames), e
 greedily with --tokens new tokens at most. Every decoder is the product's own class, loaded the
 product's way (load_model / from_artifacts): the reference is TorchDecoder (float32) fed with the
 fp32 ONNX graph's image embeddings (OnnxRuntimeVision), each GGUF runs on LlamaCppDecoder with the
-same embeddings.
+same embeddings, once per engine (--engines; default every installed one: the same file on other
+kernels is other arithmetic).
 
   answers identical  greedy answer ids equal to the reference's, whole answer
   first token        the first answer token equal
@@ -199,9 +200,9 @@ def run(a) -> dict:
     import torch
 
     from ...core.artifacts import artifact_path
-    from ...core.decoders.llamacpp_decoder import LlamaCppDecoder, default_threads
+    from ...core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, default_threads, engine_available
     from ...core.generation import GenerationParams
-    from ...core.pipeline import LoadOptions, load_model
+    from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     from ...core.vision_onnx import OnnxRuntimeVision
 
     threads = a.threads if a.threads > 0 else default_threads()
@@ -210,6 +211,10 @@ def run(a) -> dict:
     bad = [q for q in quants if q not in QUANTS]
     if bad or not quants:
         raise SystemExit(f"mobilevlm-bench fidelity: unknown quant {bad} (choose from {', '.join(QUANTS)})")
+    engines = ([e.strip() for e in a.engines.split(",") if e.strip()] if a.engines
+               else [e for e in ENGINES if engine_available(e)])
+    if not engines or any(e not in ENGINES for e in engines):
+        raise SystemExit(f"mobilevlm-bench fidelity: unknown engine in {engines} (choose from {', '.join(ENGINES)})")
     tmp = None
     if a.out:
         work = Path(a.out)
@@ -286,13 +291,13 @@ def run(a) -> dict:
         _log(f"reference done in {ref_s:.0f} s (mean answer {np.mean(lengths):.1f} tokens)")
 
         rows, q_int8 = [], None
-        for quant in quants:
+        for quant, engine in [(q, e) for q in quants for e in engines]:
             t1 = time.perf_counter()
             tok = ref.tokenizer
-            dec = LlamaCppDecoder.from_artifacts(art, manifest, tok, LoadOptions(quant=quant, threads=threads,
-                                                                                 n_ctx=n_ctx))
+            dec = LlamaCppDecoder.from_artifacts(art, manifest, tok, LoadOptions(
+                quant=quant, threads=threads, n_ctx=n_ctx, llamacpp=LlamaCppOptions(engine=engine)))
             tally = Tally()
-            vis_tally = Tally() if quant == VISION_QUANT else None
+            vis_tally = Tally() if quant == VISION_QUANT and engine == engines[0] else None
             try:
                 for k, ((fi, q, p), g, lp) in enumerate(zip(prompts, refs, logp_refs)):
                     got = dec.generate(p, emb32[fi], params)
@@ -310,13 +315,13 @@ def run(a) -> dict:
             finally:
                 dec.close()
             path = artifact_path(art, manifest, "llm", quant)
-            row = {"quant": quant, "file": path.name, "file_mb": path.stat().st_size / 2 ** 20,
+            row = {"quant": quant, "engine": engine, "file": path.name, "file_mb": path.stat().st_size / 2 ** 20,
                    "tensor_types": tensor_types(path), "extra_buffers": describe.get("extra_buffers"),
                    "seconds": time.perf_counter() - t1, **tally.summary()}
             rows.append(row)
             if vis_tally is not None:
                 q_int8 = vis_tally.summary()
-            _log(f"{quant}: answers identical {row['answers_identical_pct']:.0f} %, first token "
+            _log(f"{engine} {quant}: answers identical {row['answers_identical_pct']:.0f} %, first token "
                  f"{row['first_token_pct']:.0f} %, same top {row['same_top_pct']:.1f} %, mean KL "
                  f"{row['kl']['mean']:.5f} ({row['seconds']:.0f} s)")
         result["quants"] = rows
@@ -342,11 +347,11 @@ def _kl(s, key, digits=5) -> str:
 
 def table(result: dict) -> str:
     st = result["settings"]
-    head = ("| quant | file MB | tensor types (norms F32) | answers identical % | first token % | agreeing prefix, "
+    head = ("| engine | quant | file MB | tensor types (norms F32) | answers identical % | first token % | agreeing prefix, "
             "tokens | same top token % | mean KL | median KL | p99 KL | max KL |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["quants"]:
-        lines.append(f"| {r['quant']} | {r['file_mb']:.1f} | {_types(r['tensor_types'])} | "
+        lines.append(f"| {r.get('engine', 'llama.cpp')} | {r['quant']} | {r['file_mb']:.1f} | {_types(r['tensor_types'])} | "
                      f"{r['answers_identical_pct']:.0f} | {r['first_token_pct']:.0f} | "
                      f"{r['agreeing_prefix_tokens']:.1f} | {r['same_top_pct']:.2f} | {_kl(r, 'mean')} | "
                      f"{_kl(r, 'median')} | {_kl(r, 'p99')} | {_kl(r, 'max', 3)} |")
@@ -394,7 +399,8 @@ def table(result: dict) -> str:
 def plot(result: dict, ax) -> None:
     labels, values, colors = [], [], []
     for r in result["quants"]:
-        labels += [f"{r['quant']} answers identical", f"{r['quant']} same top token"]
+        name = f"{r.get('engine', 'llama.cpp')} {r['quant']}"
+        labels += [f"{name} answers identical", f"{name} same top token"]
         values += [r["answers_identical_pct"], r["same_top_pct"]]
         colors += ["tab:blue", "tab:orange"]
     for name, s in result["vision"]["answers"].items():
@@ -419,6 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=None, help="questions per frame (default 10; 3 with --quick)")
     ap.add_argument("--frames", type=int, default=None, help="frames (default 5; 2 with --quick)")
     ap.add_argument("--tokens", type=int, default=None, help="max new tokens per answer (default 32; 8 with --quick)")
+    ap.add_argument("--engines", default="", help="comma-separated: llama.cpp, ik_llama.cpp (default: every "
+                    "installed one)")
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (see the defaults above)")
     a = ap.parse_args(argv)

@@ -2,9 +2,11 @@
 
     mobilevlm-bench question --model CKPT [--artifacts DIR] [--quant q4_k_m] [--tokens 32]
                              [--repeats 5] [--threads N] [--out DIR] [--configs ours,reference]
+                             (--configs also takes ours-llamacpp)
 
-`ours`: ONNX Runtime vision + llama.cpp (the frame was encoded when it arrived; a question evaluates
-only its own text and the answer). `reference`: what the official inference script does, PyTorch
+`ours`: ONNX Runtime vision + the llamacpp decoder as the node loads it (engine auto: ik_llama.cpp on a
+CPU where it is installed); the frame was encoded when it arrived, a question evaluates only its own
+text and the answer. `ours-llamacpp`: the same on the llama.cpp engine. `reference`: what the official inference script does, PyTorch
 float32 with transformers: CLIP + projector re-run for every question, then `generate` over the whole
 prompt. Both answer the same question about the same image with exactly `--tokens` generated tokens
 (EOS suppressed); each figure is the median (min–max) of --repeats questions after one warm-up.
@@ -32,12 +34,13 @@ def bench_frame() -> np.ndarray:
     return pattern_frame(480, 640, seed=0)
 
 
-def run_ours(a) -> dict:
+def run_ours(a, engine: str = "auto") -> dict:
     from ...core.generation import GenerationParams
-    from ...core.pipeline import LoadOptions, load_model
+    from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     model = load_model(a.artifacts, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp",
                                                 quant=a.quant, threads=a.threads,
-                                                vision_dtype=a.vision_dtype))
+                                                vision_dtype=a.vision_dtype,
+                                                llamacpp=LlamaCppOptions(engine=engine)))
     frame = bench_frame()
     params = GenerationParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens)
     vision, ttft, total = [], [], []
@@ -53,7 +56,8 @@ def run_ours(a) -> dict:
         if i:                                             # the first round is the warm-up
             ttft.append(gen.first_token_ms)
             total.append(elapsed)
-    return {"config": f"ours: onnxruntime {a.vision_dtype} vision + llama.cpp {a.quant}", "ttft_ms": stats(ttft),
+    return {"config": f"ours: onnxruntime {a.vision_dtype} vision + {model.decoder.engine} {a.quant}",
+            "ttft_ms": stats(ttft),
             "total_ms": stats(total), "ttft_ms_all": ttft, "total_ms_all": total, "vision_ms": stats(vision[1:]),
             "peak_rss_mb": peak_rss_mb(), "model": model.describe()}
 
@@ -137,7 +141,7 @@ def run_reference(a) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"ours": run_ours, "reference": run_reference}
+WORKERS = {"ours": run_ours, "ours-llamacpp": lambda a: run_ours(a, engine="llama.cpp"), "reference": run_reference}
 
 
 def _work(job: dict) -> dict:
@@ -163,7 +167,7 @@ def run(a) -> dict:
     if bad:
         raise SystemExit(f"mobilevlm-bench question: unknown configuration {bad} (choose from {', '.join(WORKERS)})")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    if "ours" in configs:
+    if any(c.startswith("ours") for c in configs):
         a.artifacts = str(ensure_artifacts(a))
     info = machine_info(a.threads)
     rows = []
