@@ -589,3 +589,22 @@ def test_weight_layout_avoids_amx(v2, caplog):
             assert got == want          # the same layout, the same arithmetic
     finally:
         plain.close()
+
+
+def test_engine_choice(monkeypatch):
+    """auto: ik_llama.cpp for a CPU-only decoder where its package is installed and the CPU runs its
+    AVX2 wheel; llama.cpp otherwise (GPU layers: the build users make for their GPU)."""
+    from mobilevlm_ros.core.decoders import llamacpp_decoder as mod
+    monkeypatch.setattr(mod, "engine_available", lambda e: True)
+    monkeypatch.setattr(mod, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma", "f16c"})
+    assert mod.choose_engine("auto", 0)[0] == "ik_llama.cpp"
+    assert mod.choose_engine("auto", -1) == ("llama.cpp", "auto: layers offloaded to a GPU")
+    assert mod.choose_engine("llama.cpp", 0) == ("llama.cpp", "asked for")
+    assert mod.choose_engine("ik_llama.cpp", 99)[0] == "ik_llama.cpp"
+    monkeypatch.setattr(mod, "_cpu_flags", lambda: {"sse2", "avx"})
+    engine, why = mod.choose_engine("auto", 0)
+    assert engine == "llama.cpp" and "avx2, f16c, fma" in why
+    monkeypatch.setattr(mod, "engine_available", lambda e: e == "llama.cpp")
+    assert mod.choose_engine("auto", 0) == ("llama.cpp", "auto: ik-llama-cpp-python is not installed")
+    with pytest.raises(ModelLoadError, match="unknown llama.cpp engine 'vllm'"):
+        mod.choose_engine("vllm", 0)

@@ -191,7 +191,24 @@ def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
         return "llama.cpp", "auto: layers offloaded to a GPU"
     if not engine_available("ik_llama.cpp"):
         return "llama.cpp", "auto: ik-llama-cpp-python is not installed"
+    missing = sorted(IK_WHEEL_CPU_FLAGS - _cpu_flags())
+    if missing:         # its wheel is built for AVX2: elsewhere it would die of an illegal instruction
+        return "llama.cpp", f"auto: the ik_llama.cpp wheel needs {', '.join(missing)}, which this CPU lacks"
     return "ik_llama.cpp", "auto: CPU only, ik-llama-cpp-python installed"
+
+
+IK_WHEEL_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _import_engine(engine: str):
