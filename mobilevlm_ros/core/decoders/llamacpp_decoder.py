@@ -335,6 +335,8 @@ class LlamaCppDecoder(Decoder):
         self.pad_max = PAD_MAX                        # 0: question batches as they are (benches)
         self._prefix: Optional[tuple] = None          # (prefix ids, _KVState)
         self._loaded = None                           # the _KVState the context holds as it is
+        self._base = None                             # the _KVState the context holds in its cells
+                                                      # 0..n_pos-1, maybe followed by a question's
         self._no_abort = lc.ggml_abort_callback()     # NULL: llama.cpp's default, no polling
         self._closed = False
         log.info("llama.cpp decoder: %s (%s), n_ctx %d, n_batch %d, threads %d/%d, gpu layers %d",
@@ -373,7 +375,7 @@ class LlamaCppDecoder(Decoder):
         self._closed = True
         self._frames.clear()
         self._spare.clear()
-        self._prefix = self._loaded = None
+        self._prefix = self._loaded = self._base = None
         self._free_native()
 
     def __del__(self):
@@ -389,7 +391,7 @@ class LlamaCppDecoder(Decoder):
         for state in self._frames.values():
             self._recycle(state)
         self._frames.clear()
-        self._prefix = self._loaded = None
+        self._prefix = self._loaded = self._base = None
 
     def cached_state_bytes(self) -> int:
         """Host memory held by the cached KV states (prefix and frames) and their spare buffers."""
@@ -527,7 +529,7 @@ class LlamaCppDecoder(Decoder):
         if tuple(prompt.suffix[:n]) == self.frame_tail and len(prompt.suffix) > n:
             return frame.n_pos, n
         if n:
-            self._loaded = None
+            self._loaded = self._base = None
             if not self.lc.llama_memory_seq_rm(self._mem, SEQ, frame.n_pos - n, -1):
                 raise RequestError("llama.cpp could not remove the frame tail from the KV cache"
                                    + llama_log_tail())
@@ -570,7 +572,7 @@ class LlamaCppDecoder(Decoder):
             same = np.array_equal(from_tokens, self._logits())
         finally:
             self.lc.llama_memory_clear(self._mem, False)
-            self._loaded = None
+            self._loaded = self._base = None
         if not same:
             log.info("frame tail off: %s's token_embd rows do not give the tokens' logits", self.path.name)
             return (), None
@@ -590,7 +592,7 @@ class LlamaCppDecoder(Decoder):
         if got != size:
             raise RequestError(f"llama.cpp saved {got} of {size} bytes of the KV state" + llama_log_tail())
         state = _KVState(data, n_pos)
-        self._loaded = state
+        self._loaded = self._base = state
         return state
 
     def _recycle(self, state: _KVState) -> None:
@@ -600,22 +602,29 @@ class LlamaCppDecoder(Decoder):
         state.data = None
         if self._loaded is state:
             self._loaded = None
+        if self._base is state:
+            self._base = None
 
     def _restore(self, state: _KVState) -> None:
-        """Empty the cache and put `state` back into cells 0..n_pos-1 (skipped when the context
-        holds exactly that state already: the same cells with the same values)."""
+        """Empty the cache and put `state` back into cells 0..n_pos-1. Skipped when the context
+        holds exactly that state already; when it holds it followed by a question and its answer
+        (a second question about the frame), those cells are removed instead: the state's own cells
+        kept their values (attention is causal), and the question's go to the same cells after it."""
         if state.data is None:
             raise RequestError("internal: a recycled KV state was restored")
         if self._loaded is state:
             return
         lc = self.lc
-        self._loaded = None
+        if self._base is state and lc.llama_memory_seq_rm(self._mem, SEQ, state.n_pos, -1):
+            self._loaded = state
+            return
+        self._loaded = self._base = None
         lc.llama_memory_clear(self._mem, False)
         got = lc.llama_state_seq_set_data(self._ctx, state.data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
                                           state.data.size, SEQ)
         if got == 0:
             raise RequestError("llama.cpp could not restore a cached KV state" + llama_log_tail())
-        self._loaded = state
+        self._loaded = self._base = state
 
     def _decode_tokens(self, ids, pos0: int, logits: bool = True):
         """Evaluate token ids from position pos0; logits for the last one if asked."""
@@ -699,7 +708,7 @@ class LlamaCppDecoder(Decoder):
         rc = self.lc.llama_decode(self._ctx, batch)
         if rc == 0:
             return False
-        self._loaded = None
+        self._loaded = self._base = None
         if rc == 2 and abortable:
             return True
         if rc == 1:
