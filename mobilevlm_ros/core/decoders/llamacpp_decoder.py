@@ -69,8 +69,11 @@ DEFAULT_N_BATCH = 512
 # a row's cost in a full block. 1.7B Q4_K_M, 2 cores, median ms by batch size:
 #   AMD EPYC (AVX-512 VNNI): 11: 196, 12: 199, 13: 211, 14: 230, 15: 240, 16: 187; 26: 338, 32: 349
 #   Intel Xeon (AVX-512, AMX unused): 11: 185, 14: 220, 15: 234, 16: 189
-# so padding pays from 12 of 16 on both; at 11 it is a wash on the Xeon.
+# so padding pays from 12 of 16 on both; at 11 it is a wash on the Xeon. ik_llama.cpp's kernels take
+# any row count at about the same cost per row (AMD EPYC: 11: 101, 12: 108, 13: 116, 15: 131, 16: 139
+# unpadded; 12 padded to 16: 139), so it gets no padding.
 PAD_MULTIPLE, PAD_MAX = 16, 4
+PAD_MAX_BY_ENGINE = {"llama.cpp": PAD_MAX, "ik_llama.cpp": 0}
 
 
 def padded_length(n: int, pad_max: int = PAD_MAX) -> int:
@@ -332,7 +335,7 @@ class LlamaCppDecoder(Decoder):
         # ~80 ms of first-touch page faults (measured in a VM, where large blocks come from mmap)
         self._spare: list[np.ndarray] = []
         self.frame_tail, self._tail_rows = self._load_frame_tail() if frame_tail else ((), None)
-        self.pad_max = PAD_MAX                        # 0: question batches as they are (benches)
+        self.pad_max = PAD_MAX_BY_ENGINE[engine]      # 0: question batches as they are
         self._prefix: Optional[tuple] = None          # (prefix ids, _KVState)
         self._loaded = None                           # the _KVState the context holds as it is
         self._base = None                             # the _KVState the context holds in its cells

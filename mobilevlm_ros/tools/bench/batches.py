@@ -2,7 +2,7 @@
 already in the decoder (all of its time to first token), as the decoder pads it and unpadded.
 
     mobilevlm-bench batches --model ART [--quant q4_k_m] [--sizes 1-33] [--repeats 5] [--threads N]
-                            [--out DIR]
+                            [--engine auto|llama.cpp|ik_llama.cpp] [--pad-max N] [--out DIR]
 
 One frame is encoded and its image tokens evaluated once; then, for every size n in --sizes, a
 question of n tokens (the start of a long question's text) is answered with one new token from that
@@ -10,7 +10,8 @@ frame, and the decoder's `text_prefill_ms` is recorded: with the decoder's paddi
 `pad_max` short of a multiple of 16 is padded to it) and with none. Sizes and both variants are
 interleaved in a new random order each repeat; figures are medians (min–max). On CPUs, llama.cpp's
 repacked kernels multiply 16 rows at a time and take the rest row by row, which is what the padding
-rule is chosen from. Writes OUT/batches.json, OUT/batches.md, OUT/batches.png.
+rule is chosen from; ik_llama.cpp's take any row count at about the same cost per row, so it gets no
+padding (--pad-max 4 shows what padding would cost it). Writes OUT/batches.json, OUT/batches.md, OUT/batches.png.
 """
 from __future__ import annotations
 
@@ -39,18 +40,19 @@ def parse_sizes(text: str) -> list[int]:
 def run(a) -> dict:
     from ...core.decoders.llamacpp_decoder import padded_length
     from ...core.generation import GenerationParams
-    from ...core.pipeline import LoadOptions, load_model
+    from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     from ...core.prompt import PromptIds
     from ..synthetic import pattern_frame
 
     model = load_model(a.model, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp", quant=a.quant,
-                                            threads=a.threads, vision_dtype="auto"))
+                                            threads=a.threads, vision_dtype="auto",
+                                            llamacpp=LlamaCppOptions(engine=a.engine)))
     try:
         dec = model.decoder
         if not hasattr(dec, "pad_max"):
             raise ValueError(f"{a.model}: the batches bench needs the llamacpp decoder")
         machine = machine_info(dec.threads)
-        shipped_pad = dec.pad_max
+        shipped_pad = dec.pad_max if a.pad_max < 0 else a.pad_max
         [emb] = model.encode([pattern_frame(480, 640, seed=0)])
         base = model.prompt(QUESTION)
         text = base.suffix
@@ -69,7 +71,8 @@ def run(a) -> dict:
         dec.pad_max = shipped_pad
         rows = [{"tokens": n, "evaluated": padded_length(n, shipped_pad),
                  "ms": stats(times[(n, True)]), "ms_unpadded": stats(times[(n, False)])} for n in sizes]
-        return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "pad_max": shipped_pad,
+        return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "engine": dec.engine,
+                "pad_max": shipped_pad, "engine_pad_max": dec.pad_max,
                 "repeats": a.repeats, "rows": rows, "machine": finish_machine(machine),
                 "decoder": dec.describe()}
     finally:
@@ -85,7 +88,8 @@ def table(r: dict) -> str:
                      f"| {per:.1f} |")
     lines.append("")
     lines.append(f"Medians (min–max) of {r['repeats']} interleaved repeats: the text_prefill_ms of a question of "
-                 f"that many tokens after a frame already in the decoder ({r['quant']}, pad_max {r['pad_max']}); "
+                 f"that many tokens after a frame already in the decoder ({r.get('engine', 'llama.cpp')} "
+                 f"{r['quant']}, pad_max {r['pad_max']}); "
                  f"{machine_line(r['machine'])}.")
     return "\n".join(lines)
 
@@ -108,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1-33", help="question lengths in tokens: 1-33 or 8,12,16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
+    ap.add_argument("--engine", default="auto", help="auto | llama.cpp | ik_llama.cpp (auto: as the node)")
+    ap.add_argument("--pad-max", type=int, default=-1,
+                    help="padding rule of the padded runs (default -1: the engine's own, 0 for ik_llama.cpp)")
     ap.add_argument("--out", help="folder for batches.json, batches.md and batches.png")
     a = ap.parse_args(argv)
     return report("batches", lambda: run(a), table, a.out, plot, errors=(ValueError,), error_code=2)
