@@ -41,8 +41,10 @@ CAMERAS = ["front", "rear", "quiet"]
 
 
 def start_node(artifacts, name=NAME, **params):
+    # n_ctx 4096: room for a 2000-token answer, so that the cancel test's generation outlasts the
+    # cancel's round trip (the tiny model decodes ~2 tokens a millisecond; 1024 cells ended it first)
     base = {"max_frame_age_s": "600.0", "vision_rate_hz": "0.0", "diagnostics_period_s": "0.2",
-            "max_question_chars": str(MAX_QUESTION_CHARS), "max_queue": "4"}
+            "max_question_chars": str(MAX_QUESTION_CHARS), "max_queue": "4", "n_ctx": "4096"}
     return NodeUnderTest(artifacts, CAMERAS, name=name, params={**base, **params})
 
 
