@@ -32,7 +32,7 @@ import gguf  # noqa: E402
 import torch  # noqa: E402
 
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, engine_available  # noqa: E402
+from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder, engines_option  # noqa: E402
 from mobilevlm_ros.core.decoders.torch_decoder import TorchDecoder  # noqa: E402
 from mobilevlm_ros.core.errors import RequestError  # noqa: E402
 from mobilevlm_ros.core.generation import GenerationParams  # noqa: E402
@@ -309,7 +309,7 @@ def test_fidelity_bench_figures_are_sane(bench):
     md = (out / "fidelity.md").read_text(encoding="utf-8")
     assert cpu_model() in md and "| f16 |" in md and "| q4_0 |" in md
     assert res["settings"]["prompts"] == 4 and res["machine"]["cpu"] == cpu_model()
-    engines = [e for e in ENGINES if engine_available(e)]       # every installed engine, per quant
+    engines = engines_option()                                 # every installed engine, per quant
     assert [(r["quant"], r["engine"]) for r in res["quants"]] == [(q, e) for q in BENCH_QUANTS.split(",")
                                                                   for e in engines]
     for engine in engines:

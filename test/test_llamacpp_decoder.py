@@ -28,7 +28,7 @@ for _mod in ("llama_cpp", "gguf"):
         pytest.skip(_reason, allow_module_level=True)
 
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, engine_available  # noqa: E402
+from mobilevlm_ros.core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, engines_option  # noqa: E402
 from mobilevlm_ros.core.decoders.torch_decoder import TorchDecoder  # noqa: E402
 from mobilevlm_ros.core.errors import ModelLoadError, RequestError  # noqa: E402
 from mobilevlm_ros.core.generation import GenerationParams  # noqa: E402
@@ -44,7 +44,7 @@ QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many
 GREEDY16 = GenerationParams(max_new_tokens=16)
 F16_ANSWER_BOUND = 0.90
 Q8_FIRST_TOKEN_BOUND = 0.80
-ENGINES_HERE = [e for e in ENGINES if engine_available(e)]
+ENGINES_HERE = engines_option()
 for _e in ENGINES:
     if _e not in ENGINES_HERE:
         print(f"test_llamacpp_decoder: engine {_e} not tested: its Python package is not installed")
@@ -608,3 +608,8 @@ def test_engine_choice(monkeypatch):
     assert mod.choose_engine("auto", 0) == ("llama.cpp", "auto: ik-llama-cpp-python is not installed")
     with pytest.raises(ModelLoadError, match="unknown llama.cpp engine 'vllm'"):
         mod.choose_engine("vllm", 0)
+    # the benches' --engines: named ones, or every installed one
+    assert mod.engines_option("ik_llama.cpp, llama.cpp") == ["ik_llama.cpp", "llama.cpp"]
+    assert mod.engines_option("") == ["llama.cpp"]
+    with pytest.raises(ValueError, match=r"unknown engine \['vllm'\]"):
+        mod.engines_option("llama.cpp,vllm")

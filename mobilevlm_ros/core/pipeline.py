@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DECODERS = ("torch", "llamacpp")
+LLAMACPP_ENGINES = ("llama.cpp", "ik_llama.cpp")     # the libraries the llamacpp decoder runs on
 QUANTS = ("f16", "q8_0", "q4_k_m", "q4_0", "iq4_xs", "q5_k_m")
 
 
@@ -36,7 +37,7 @@ class LlamaCppOptions:
     extra_buffers: Optional[bool] = None    # None = repacked layouts unless the CPU backend has AMX
     mmap: Optional[bool] = None             # None = map unless the weights are repacked on the CPU
     flash_attn: Optional[bool] = None       # None = llama.cpp's choice
-    engine: str = "auto"                    # auto | llama.cpp | ik_llama.cpp (see LlamaCppDecoder.from_artifacts)
+    engine: str = "auto"                    # auto | LLAMACPP_ENGINES (see llamacpp_decoder.choose_engine)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from ..core.pipeline import LlamaCppOptions, LoadOptions, QUANTS
+from ..core.pipeline import LLAMACPP_ENGINES, LlamaCppOptions, LoadOptions, QUANTS
 from ..engine.config import EngineConfig, Spec, check_cameras
 
 
@@ -76,7 +76,7 @@ PARAMS = (
           "configure", choices=("auto", "torch", "llamacpp")),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
     _node("llamacpp_engine", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
-          "where it is installed, else llama.cpp", "configure", choices=("auto", "llama.cpp", "ik_llama.cpp")),
+          "where it is installed, else llama.cpp", "configure", choices=("auto", *LLAMACPP_ENGINES)),
     _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
           "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),

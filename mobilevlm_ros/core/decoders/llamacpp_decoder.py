@@ -54,6 +54,7 @@ import numpy as np
 
 from ..errors import ModelLoadError, RequestError
 from ..generation import GenerationParams
+from ..pipeline import LLAMACPP_ENGINES
 from ..prompt import PromptIds, frame_tail
 from ..tokenizer import Tokenizer
 from ..vision import ImageEmbedding
@@ -172,13 +173,23 @@ def cpu_has_amx(lc) -> bool:
         return False
 
 
-ENGINES = ("llama.cpp", "ik_llama.cpp")
+ENGINES = LLAMACPP_ENGINES
 
 
 def engine_available(engine: str) -> bool:
     """Whether `engine`'s Python package is installed (it may still fail to load its library)."""
     import importlib.util
     return importlib.util.find_spec("llama_cpp" if engine == "llama.cpp" else "ik_llama_cpp") is not None
+
+
+def engines_option(spec: str = "") -> list:
+    """The engines a comma-separated option names; empty: every installed one. ValueError for a
+    name that is not an engine."""
+    engines = [e.strip() for e in spec.split(",") if e.strip()] or [e for e in ENGINES if engine_available(e)]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise ValueError(f"unknown engine {bad} (choose from {', '.join(ENGINES)})")
+    return engines
 
 
 def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
@@ -777,7 +788,7 @@ def _check_gguf_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is truncated ({size} bytes)")
 
 
-__all__ = ["LlamaCppDecoder", "ENGINES", "choose_engine", "route_llama_logs", "llama_log_tail",
+__all__ = ["LlamaCppDecoder", "ENGINES", "engines_option", "choose_engine", "route_llama_logs", "llama_log_tail",
            "default_threads"]
 
 

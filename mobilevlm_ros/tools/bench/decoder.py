@@ -378,7 +378,7 @@ def plot(result: dict, ax) -> None:
 
 
 def run(a) -> dict:
-    from ...core.decoders.llamacpp_decoder import ENGINES, default_threads, engine_available
+    from ...core.decoders.llamacpp_decoder import default_threads, engines_option
     from ...core.tokenizer import tokenizer_file
     model = Path(a.model)
     if not model.is_dir():
@@ -387,11 +387,10 @@ def run(a) -> dict:
     bad = [q for q in quants if q not in CHOICES]
     if bad or not quants:
         raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(CHOICES)})")
-    engines = ([e.strip() for e in a.engines.split(",") if e.strip()] if a.engines
-               else [e for e in ENGINES if engine_available(e)])
-    bad = [e for e in engines if e not in ENGINES]
-    if bad or not engines:
-        raise SystemExit(f"mobilevlm-bench decoder: unknown engine {bad} (choose from {', '.join(ENGINES)})")
+    try:
+        engines = engines_option(a.engines)
+    except ValueError as e:
+        raise SystemExit(f"mobilevlm-bench decoder: {e}") from None
     threads = a.threads if a.threads > 0 else default_threads()
     out = Path(a.out) if a.out else None
     tmp = None

@@ -200,7 +200,7 @@ def run(a) -> dict:
     import torch
 
     from ...core.artifacts import artifact_path
-    from ...core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, default_threads, engine_available
+    from ...core.decoders.llamacpp_decoder import LlamaCppDecoder, default_threads, engines_option
     from ...core.generation import GenerationParams
     from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     from ...core.vision_onnx import OnnxRuntimeVision
@@ -211,10 +211,10 @@ def run(a) -> dict:
     bad = [q for q in quants if q not in QUANTS]
     if bad or not quants:
         raise SystemExit(f"mobilevlm-bench fidelity: unknown quant {bad} (choose from {', '.join(QUANTS)})")
-    engines = ([e.strip() for e in a.engines.split(",") if e.strip()] if a.engines
-               else [e for e in ENGINES if engine_available(e)])
-    if not engines or any(e not in ENGINES for e in engines):
-        raise SystemExit(f"mobilevlm-bench fidelity: unknown engine in {engines} (choose from {', '.join(ENGINES)})")
+    try:
+        engines = engines_option(a.engines)
+    except ValueError as e:
+        raise SystemExit(f"mobilevlm-bench fidelity: {e}") from None
     tmp = None
     if a.out:
         work = Path(a.out)
