@@ -515,6 +515,12 @@ def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
 
 
 def main(argv=None) -> int:
+    args = list(sys.argv if argv is None else argv)[1:]
+    own = args[:args.index("--ros-args")] if "--ros-args" in args else args
+    if "-h" in own or "--help" in own:     # before any ROS set-up: help starts no node
+        print("usage: mobilevlm-node [--ros-args --params-file FILE -p NAME:=VALUE -r FROM:=TO ...]\n")
+        print(__doc__)
+        return 0
     return_large_buffers_to_the_os()
     rclpy.init(args=argv)
     try:
