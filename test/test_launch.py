@@ -29,6 +29,7 @@ EXECUTABLE = Path("lib") / "mobilevlm_ros" / "mobilevlm_node"
 LAUNCH_FILE = Path("share") / "mobilevlm_ros" / "launch" / "mobilevlm.launch.py"
 QUESTION = "What is in the picture?"
 TOKENS = 4
+ACTIVE_LOG = "serving ~/ask and ~/ask_stream"      # what the node logs (info) once it is active
 
 _reason = launch_skip_reason()
 if not _reason and not COLCON.exists():
@@ -137,6 +138,21 @@ def test_colcon_install_has_the_ros_layout(colcon_install):
     changes = colcon_install.env_changes
     assert changes["AMENT_PREFIX_PATH"].split(os.pathsep)[0] == str(pkg), changes
     assert str(py.parent) in changes["PYTHONPATH"].split(os.pathsep), changes
+
+
+def test_every_launch_argument_has_a_description_and_is_in_the_docstring(sourced):
+    """What `ros2 launch mobilevlm_ros mobilevlm.launch.py --show-args` prints, and the file's own
+    usage text, cover every argument; the default parameters file is the install space's."""
+    from launch.launch_description_sources import get_launch_description_from_python_launch_file
+    path = sourced.package / LAUNCH_FILE
+    declared = get_launch_description_from_python_launch_file(str(path)).get_launch_arguments()
+    doc = path.read_text().split('"""')[1]
+    assert {a.name for a in declared} >= {"namespace", "node_name", "params_file", "model_path", "image"}
+    for a in declared:
+        assert a.description.strip() and a.description != "no description given", a.name
+        assert f"\n  {a.name} " in doc, f"{a.name} is not in the launch file's docstring"
+    default = "".join(s.perform(None) for s in next(a for a in declared if a.name == "params_file").default_value)
+    assert default == str(sourced.package / "share" / "mobilevlm_ros" / "config" / "mobilevlm.yaml")
 
 
 # ---------------------------------------------------------------------------------- launching it
@@ -266,6 +282,7 @@ def test_answers_about_a_frame_on_the_remapped_camera_topic(default_launch, sour
             time.sleep(0.5)
         assert res.success, res.error
         assert res.header.frame_id == "launch_cam" and res.completion_tokens == TOKENS, res
+        assert wait_for(lambda: ACTIVE_LOG in launched.output(), 10), launched.output()   # log_level info
         assert not launched.exited.is_set(), launched.output()
     finally:
         graph.close()
@@ -310,6 +327,7 @@ def test_namespace_name_params_file_and_model_path_take_effect(arguments_launch,
             topics()
         assert f"{node}/right/image" not in topics()
         assert_runs_the_install(launched, sourced)
+        assert ACTIVE_LOG not in launched.output(), launched.output()                    # log_level warn
     finally:
         graph.close()
 
