@@ -46,7 +46,7 @@ def _node(context, *args, **kwargs):
         namespace=arg("namespace"),
         parameters=parameters,
         remappings=remappings,
-        arguments=["--ros-args", "--log-level", arg("log_level")],
+        ros_arguments=["--log-level", arg("log_level")],
         output="screen",
         emulate_tty=True,
     )]

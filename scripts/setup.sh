@@ -7,13 +7,26 @@
 #   4. generate and build the interfaces (msg/, srv/, action/) with CMake + rosidl into .venv
 #   5. pip install -e . (console scripts mobilevlm-*)
 #   6. models/tiny-v2 (a tiny random-weight model) and its export models/tiny-v2-artifacts
+#   with --test (scripts/test.sh), what only the tests need:
+#   7. colcon (PyPI, requirements-colcon.txt) in a venv of its own, build/colcon-venv
+#   8. the ROS 2 launch wheels (launch, launch_ros, launch_pytest, ...) from ../shared/ros-launch, when
+#      that folder exists, into .venv; without it the launch tests skip, saying so
 # Steps whose inputs did not change since the last successful run are skipped, so a re-run is fast.
 # Nothing needs sourcing afterwards: .venv/bin/python and the console scripts find the generated
 # interfaces and their libraries on their own (a .pth file in .venv, see step 4).
 #
 # Environment: PYTHON (default python3.11) picks the interpreter for a new .venv;
-#              JOBS (default: number of cores) for the CMake build.
+#              JOBS (default: number of cores) for the CMake build;
+#              MOBILEVLM_ROS_LAUNCH_DIR (default: ../shared/ros-launch beside the checkout) with --test.
 set -euo pipefail
+
+TEST_SETUP=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) TEST_SETUP=1 ;;
+    *) printf 'usage: scripts/setup.sh [--test]\n' >&2; exit 2 ;;
+  esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -43,8 +56,10 @@ stamp_set() { mkdir -p "$STAMPS"; printf '%s\n' "$2" > "$STAMPS/$1"; }
 
 # this machine's pip configuration names local package folders that lack most projects; pip warns
 # about each of them on every look-up. Drop those lines, keep everything else.
-quiet_pip() {
-  "$PY" -m pip --disable-pip-version-check "$@" 2>&1 \
+quiet_pip() { quiet_pip_of "$PY" "$@"; }
+quiet_pip_of() {
+  local python="$1"; shift
+  "$python" -m pip --disable-pip-version-check "$@" 2>&1 \
     | { grep -v -E "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory\.$" || true; }
 }
 
@@ -197,6 +212,62 @@ else
   log "6/6 exporting models/tiny-v2 -> models/tiny-v2-artifacts (ONNX + GGUF)"
   "$VENV/bin/mobilevlm-export" --model models/tiny-v2 --out models/tiny-v2-artifacts \
     --vision-dtype fp32 --quant f16,q8_0,q4_k_m
+fi
+
+# ---------------------------------------------------------------------- 7, 8. tools of the tests
+if [ "$TEST_SETUP" = 1 ]; then
+  # colcon builds the package as a robot does (test/test_launch.py). Its own venv: colcon-core pins
+  # setuptools<80 (requirements.txt has 84) and pulls in pytest plugins that .venv's pytest would load.
+  COLCON_VENV="$ROOT/build/colcon-venv"
+  COLCON_HASH="$(fingerprint requirements-colcon.txt) $COLCON_VENV"
+  if stamp_ok colcon "$COLCON_HASH" && [ -x "$COLCON_VENV/bin/colcon" ]; then
+    log "7/8 colcon up to date (build/colcon-venv)"
+  else
+    log "7/8 pip install -r requirements-colcon.txt into build/colcon-venv"
+    rm -rf "$COLCON_VENV"
+    "$PYTHON" -m venv "$COLCON_VENV"
+    quiet_pip_of "$COLCON_VENV/bin/python" install --progress-bar off -r requirements-colcon.txt
+    stamp_set colcon "$COLCON_HASH"
+  fi
+
+  # launch, launch_ros, launch_pytest, ...: on no registry these machines reach. --no-deps: their
+  # setup.py files declare almost none of their dependencies (ROS declares them in package.xml); the
+  # rest is in requirements.txt already, but for osrf-pycommon (launch's process utilities).
+  LAUNCH_DIR="${MOBILEVLM_ROS_LAUNCH_DIR:-$ROOT/../shared/ros-launch}"
+  if compgen -G "$LAUNCH_DIR/wheels/*.whl" >/dev/null; then
+    LAUNCH_HASH="$(fingerprint "$LAUNCH_DIR"/wheels/*.whl) osrf-pycommon==2.0.2"
+    if stamp_ok launch-wheels "$LAUNCH_HASH"; then
+      log "8/8 ROS launch wheels up to date ($LAUNCH_DIR)"
+    else
+      log "8/8 pip install --no-deps the ROS launch wheels of $LAUNCH_DIR"
+      quiet_pip install --progress-bar off --no-deps "$LAUNCH_DIR"/wheels/*.whl osrf-pycommon==2.0.2
+      stamp_set launch-wheels "$LAUNCH_HASH"
+    fi
+    # launch_ros imports composition_interfaces (an interface package of every ROS install): built
+    # like our interfaces, into .venv, the underlay that test/test_launch.py's colcon workspace overlays
+    CI_SRC="$LAUNCH_DIR/composition_interfaces"
+    CI_BUILD="$ROOT/build/composition_interfaces"
+    CI_HASH="$(fingerprint "$CI_SRC"/CMakeLists.txt "$CI_SRC"/package.xml "$CI_SRC"/srv/*.srv) $IFACE_HASH"
+    if stamp_ok composition_interfaces "$CI_HASH" && [ -d "$SITE/composition_interfaces/srv" ]; then
+      log "8/8 composition_interfaces unchanged, skipping the CMake build"
+    else
+      log "8/8 building composition_interfaces (rosidl, CMake, build/composition_interfaces) into .venv"
+      if [ -f "$CI_BUILD/install_manifest.txt" ]; then   # no stale files of an older build
+        xargs -r -d '\n' rm -f < "$CI_BUILD/install_manifest.txt"
+      fi
+      rm -rf "$CI_BUILD"
+      export AMENT_PREFIX_PATH="$VENV" CMAKE_PREFIX_PATH="$VENV"
+      { cmake -S "$CI_SRC" -B "$CI_BUILD" -Wno-dev -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$VENV" \
+          -DPython3_EXECUTABLE="$PY" -DPYTHON_INSTALL_DIR="lib/python$PYVER/site-packages" -DBUILD_TESTING=OFF \
+        && cmake --build "$CI_BUILD" -j "$JOBS" && cmake --install "$CI_BUILD"; } > "$CI_BUILD.log" 2>&1 \
+        || { tail -40 "$CI_BUILD.log"; die "composition_interfaces: build failed (log: $CI_BUILD.log)"; }
+      stamp_set composition_interfaces "$CI_HASH"
+    fi
+    "$PY" -c 'import launch_ros.actions, launch_pytest' \
+      || die "launch_ros or launch_pytest does not import from .venv/bin/python"
+  else
+    log "8/8 no ROS launch wheels in $LAUNCH_DIR (set MOBILEVLM_ROS_LAUNCH_DIR): the launch tests will skip"
+  fi
 fi
 
 log "done: use .venv/bin/python, .venv/bin/mobilevlm-*; tests: scripts/test.sh"

@@ -6,6 +6,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-bash scripts/setup.sh
+bash scripts/setup.sh --test     # --test: also colcon and the ROS launch wheels (launch tests)
 echo "[test] .venv/bin/python -m pytest test/ $*"
 exec .venv/bin/python -m pytest test/ --durations=10 "$@"

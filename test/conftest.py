@@ -7,17 +7,21 @@
     ros       needs rclpy (and the generated mobilevlm_ros interfaces)
     gpu       needs a CUDA device visible to torch
     tensorrt  needs the tensorrt Python package
-    launch    needs launch_pytest / launch_ros (a full ROS 2 install)
+    launch    needs launch_pytest / launch_ros and ../shared/ros-launch (see launch_skip_reason)
     slow      takes long; runs by default, deselect with -m "not slow"
 - rclpy_context: a session-wide rclpy Context of its own (not the default context); pass it as
   context= to nodes and executors.
 - skip_reason_if_missing(module): None when the module imports, else a one-line reason.
   Import it in a test module with `from conftest import skip_reason_if_missing`.
+- launch_skip_reason(): None when the launch tests can run here, else why not. LAUNCH_DIR: the
+  folder of the ROS launch wheels and composition_interfaces (../shared/ros-launch beside the
+  checkout, or MOBILEVLM_ROS_LAUNCH_DIR), which scripts/test.sh installs from.
 - The fixtures of test/models_fixtures.py (tiny checkpoints) are available to every test.
 """
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +54,24 @@ def skip_reason_if_missing(module):
     return _MISSING[module]
 
 
+# where scripts/setup.sh --test (scripts/test.sh) takes the ROS launch packages from: the same rule
+LAUNCH_DIR = Path(os.environ.get("MOBILEVLM_ROS_LAUNCH_DIR")
+                  or Path(__file__).resolve().parent.parent.parent / "shared" / "ros-launch")
+
+
+def launch_skip_reason():
+    """None when the launch tests can run: the ROS launch packages are installed and the folder
+    they came from (with composition_interfaces, which the tests build) is here."""
+    if not (LAUNCH_DIR / "composition_interfaces" / "package.xml").is_file():
+        return (f"no ROS launch packages here: {LAUNCH_DIR} does not exist (../shared/ros-launch beside "
+                "the checkout, or set MOBILEVLM_ROS_LAUNCH_DIR); scripts/test.sh installs them from there")
+    for module in ("launch_pytest", "launch_ros.actions", "rclpy", "mobilevlm_ros.srv"):
+        reason = skip_reason_if_missing(module)
+        if reason:
+            return f"{reason} (scripts/test.sh installs it from {LAUNCH_DIR})"
+    return None
+
+
 def _gpu_skip_reason():
     reason = skip_reason_if_missing("torch")
     if reason:
@@ -64,14 +86,14 @@ _MARKER_CHECKS = {
     "ros": lambda: skip_reason_if_missing("rclpy") or skip_reason_if_missing("mobilevlm_ros.srv"),
     "gpu": _gpu_skip_reason,
     "tensorrt": lambda: skip_reason_if_missing("tensorrt"),
-    "launch": lambda: skip_reason_if_missing("launch_pytest") or skip_reason_if_missing("launch_ros"),
+    "launch": launch_skip_reason,
 }
 
 _MARKER_HELP = {
     "ros": "needs rclpy and the generated mobilevlm_ros interfaces (skipped when missing)",
     "gpu": "needs a CUDA GPU (skipped when missing)",
     "tensorrt": "needs the TensorRT Python package (skipped when missing)",
-    "launch": "needs launch_pytest/launch_ros from a full ROS 2 install (skipped when missing)",
+    "launch": "needs launch_pytest/launch_ros, from a ROS 2 install or ../shared/ros-launch (skipped when missing)",
     "slow": "takes long; deselect with -m 'not slow'",
 }
 
