@@ -4,10 +4,11 @@ or PYTHONPATH. Catches code that finds its files relative to the source tree, an
 setup.py does not ship (share/mobilevlm_ros: config/, launch/, msg/ ..., the ament index marker).
 
 The fresh venv borrows its dependencies from the running interpreter's venv (torch, rclpy and the
-ROS wheels, onnxruntime, llama.cpp, ...: far too big to install per test run): a .pth file in its
-site-packages adds that venv's site-packages and the generated interfaces (mobilevlm_ros.msg/.srv/
-.action, built by CMake, which a wheel of setup.py cannot contain) as site folders, then drops the
-checkout from sys.path, so that mobilevlm_ros's Python code comes from the wheel only.
+ROS wheels, onnxruntime, llama.cpp, ...; test_runtime_venv.py pip-installs the runtime set instead):
+a .pth file in its site-packages adds that venv's site-packages and the generated interfaces
+(mobilevlm_ros.msg/.srv/.action, built by CMake, which a wheel of setup.py cannot contain) as site
+folders, then drops the checkout from sys.path, so that mobilevlm_ros's Python code comes from the
+wheel only.
 AMENT_PREFIX_PATH lists the new venv before the development venv, as an overlay over an underlay:
 the development venv's share/mobilevlm_ros (symlinks into the checkout) must not be what is read.
 """

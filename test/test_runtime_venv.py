@@ -196,6 +196,17 @@ def test_node_in_the_runtime_venv_answers_over_dds(runtime, tiny_v2_artifacts, r
 
 
 @pytest.mark.slow
+@pytest.mark.ros
+def test_demo_in_the_runtime_venv(runtime, tiny_v2_artifacts):
+    """mobilevlm-demo (its own node, sample frames, ~/ask) runs on the runtime set, and says that the
+    tiny model's answer is random text."""
+    p = run([runtime.bin / "mobilevlm-demo", "--model", tiny_v2_artifacts, "--max-new-tokens", "4", "--quiet",
+             "--namespace", f"/runtime_venv_demo_{os.getpid()}"], runtime.env(), runtime.work, 240)
+    assert "frame stamp" in p.stdout and "node stopped cleanly" in p.stdout, p.stdout
+    assert "the answer is random text" in p.stdout, p.stdout
+
+
+@pytest.mark.slow
 def test_replay_in_the_runtime_venv(runtime, tiny_v2_artifacts):
     import yaml
     env, work = runtime.env(), runtime.work
