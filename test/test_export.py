@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 import mobilevlm_ros  # noqa: E402
 from mobilevlm_ros.core.artifacts import read_manifest, sha256_file  # noqa: E402
 from mobilevlm_ros.tools.export import main as export_main  # noqa: E402
-from mobilevlm_ros.tools.make_tiny import make_checkpoint  # noqa: E402
+from mobilevlm_ros.tools.make_tiny import has_random_decoder, make_checkpoint  # noqa: E402
 
 PROJECTORS = {"v1": "ldpnet", "v2": "ldpnetv2"}
 
@@ -39,6 +39,7 @@ def test_manifest_contents_and_hashes(tmp_path_factory, version):
     assert m["tool_version"] == getattr(mobilevlm_ros, "__version__", "0.1.0")
     assert m["source"]["path"] == str(ckpt.resolve())
     assert m["source"]["config_sha256"] == sha256_file(ckpt / "config.json")
+    assert m["source"]["name_or_path"] == f"mobilevlm-random-{PROJECTORS[version]}"
     assert m["projector_type"] == PROJECTORS[version]
     assert (m["image_size"], m["image_tokens"], m["hidden_size"], m["mm_hidden_size"]) == (336, 144, 256, 64)
     assert m["model_id"] == "ckpt"
@@ -63,6 +64,30 @@ def test_manifest_contents_and_hashes(tmp_path_factory, version):
         assert sha256_file(art / name) == digest
     assert sha256_file(art / "tokenizer.model") == sha256_file(ckpt / "tokenizer.model")
     assert not list(art.glob(".export-*")), "temporary export folder left behind"
+
+
+def test_random_models_are_known_as_such(tmp_path_factory, tmp_path):
+    """What mobilevlm-demo reads to say that its answer is random text: the checkpoint, its export,
+    an export whose manifest predates source.name_or_path (found through source.path); not a model
+    of another name, nor a folder whose files are missing or not JSON."""
+    ckpt, art = exported(tmp_path_factory, "v2")
+    assert has_random_decoder(ckpt) and has_random_decoder(art)
+    old = tmp_path / "old-export"
+    old.mkdir()
+    manifest = json.loads((art / "manifest.json").read_text())
+    del manifest["source"]["name_or_path"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert has_random_decoder(old)
+    manifest["source"]["path"] = str(tmp_path / "gone")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert not has_random_decoder(old)
+    real = tmp_path / "real"
+    real.mkdir()
+    config = json.loads((ckpt / "config.json").read_text())
+    (real / "config.json").write_text(json.dumps({**config, "_name_or_path": "mtgv/MobileVLM_V2-1.7B"}))
+    assert not has_random_decoder(real)
+    (real / "config.json").write_text("not json")
+    assert not has_random_decoder(real) and not has_random_decoder(tmp_path / "nothing")
 
 
 def test_graph_contract(tmp_path_factory):

@@ -4,10 +4,11 @@ or PYTHONPATH. Catches code that finds its files relative to the source tree, an
 setup.py does not ship (share/mobilevlm_ros: config/, launch/, msg/ ..., the ament index marker).
 
 The fresh venv borrows its dependencies from the running interpreter's venv (torch, rclpy and the
-ROS wheels, onnxruntime, llama.cpp, ...: far too big to install per test run): a .pth file in its
-site-packages adds that venv's site-packages and the generated interfaces (mobilevlm_ros.msg/.srv/
-.action, built by CMake, which a wheel of setup.py cannot contain) as site folders, then drops the
-checkout from sys.path, so that mobilevlm_ros's Python code comes from the wheel only.
+ROS wheels, onnxruntime, llama.cpp, ...; test_runtime_venv.py pip-installs the runtime set instead):
+a .pth file in its site-packages adds that venv's site-packages and the generated interfaces
+(mobilevlm_ros.msg/.srv/.action, built by CMake, which a wheel of setup.py cannot contain) as site
+folders, then drops the checkout from sys.path, so that mobilevlm_ros's Python code comes from the
+wheel only.
 AMENT_PREFIX_PATH lists the new venv before the development venv, as an overlay over an underlay:
 the development venv's share/mobilevlm_ros (symlinks into the checkout) must not be what is read.
 """
@@ -15,7 +16,6 @@ import glob
 import importlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,14 +27,10 @@ from pathlib import Path
 import pytest
 
 from conftest import skip_reason_if_missing
+from install_helpers import PIP, PY_DIR, REPO, build_wheel, run
 
-REPO = Path(__file__).resolve().parent.parent
-PY_DIR = f"python{sys.version_info.major}.{sys.version_info.minor}"
 DEV_PREFIX = Path(sys.prefix)
 DEV_SITE = Path(sysconfig.get_paths()["purelib"])
-# what a wheel of setup.py is built from (a copy: no build/ or *.egg-info in the checkout)
-SOURCES = ["setup.py", "setup.cfg", "package.xml", "README.md", "mobilevlm_ros", "config", "launch",
-           "msg", "srv", "action", "resource"]
 ACTIVE_LOG = "serving ~/ask and ~/ask_stream"      # what the node logs once it is active
 QUESTION = "What is in the picture?"
 
@@ -51,21 +47,6 @@ def _interfaces_dir() -> Path:
 
 def _within(path, folder) -> bool:
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
-
-
-def run(cmd, env, cwd, timeout, check=True):
-    """Run a command; on failure (exit status, timeout) the assertion shows its output."""
-    t0 = time.monotonic()
-    try:
-        p = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, timeout=timeout,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    except subprocess.TimeoutExpired as e:
-        out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else (e.output or "")
-        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out}")
-    print(f"[{time.monotonic() - t0:5.1f} s] {' '.join(map(str, cmd))}")
-    if check:
-        assert p.returncode == 0, f"exit status {p.returncode}: {' '.join(map(str, cmd))}\n{p.stdout}"
-    return p
 
 
 class Installed:
@@ -104,25 +85,13 @@ class Installed:
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("installed")
     inst = Installed(tmp)
-    src = tmp / "src"
-    src.mkdir()
-    for name in SOURCES:
-        path = REPO / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif path.is_file():
-            shutil.copy2(path, src / name)
     build_env = inst.env()
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp / "dist", src],
-        build_env, tmp, 180)
-    wheels = list((tmp / "dist").glob("mobilevlm_ros-*.whl"))
-    assert len(wheels) == 1, wheels
+    wheel = build_wheel(tmp, build_env)
     run([sys.executable, "-m", "venv", "--without-pip", inst.prefix], build_env, tmp, 60)
     # pip of the development venv, installing for the new venv's python (console scripts then start
     # that python). Before the .pth below exists: this pip must not see the development venv's
     # packages, or it would take the editable mobilevlm_ros there for the one to replace.
-    run(pip + ["--python", inst.python, "install", "--no-deps", "--no-index", wheels[0]], build_env, tmp, 120)
+    run(PIP + ["--python", inst.python, "install", "--no-deps", "--no-index", wheel], build_env, tmp, 120)
     assert inst.site.is_dir(), inst.site
     (inst.site / "zz_mobilevlm_ros_test_deps.pth").write_text(
         "import os, site, sys; "

@@ -654,6 +654,8 @@ def test_demo(tmp_path, tiny_v2_artifacts):
                           capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "frame stamp" in proc.stdout and "sample frames published" in proc.stdout
+    # the tiny model's answer is random text, and the demo says so in one line
+    assert "the answer is random text" in proc.stdout and "The real-model path" in proc.stdout
     assert "node stopped cleanly" in proc.stderr
 
 

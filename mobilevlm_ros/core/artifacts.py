@@ -8,7 +8,7 @@
 
 manifest.json:
   format "mobilevlm_ros.artifacts", format_version 1, tool_version, model_id,
-  source {path, config_sha256}, projector_type, image_size, image_tokens, hidden_size,
+  source {path, config_sha256, name_or_path}, projector_type, image_size, image_tokens, hidden_size,
   mm_hidden_size, vision_weights_source,
   vision {dtype: {file, sha256, bytes, input, output, input_dtype}},
   llm {quant: {file, sha256, bytes}}, tokenizer {file: sha256}

@@ -103,6 +103,12 @@ class MobileVLM:
 
 def _checkpoint_for(path: Path, opts: LoadOptions, manifest: Optional[dict]):
     """The torch reference needs the original checkpoint: the folder itself, or the manifest's source."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        raise ModelLoadError(f"{path}: the torch backends need torch, which is not installed here (the robot "
+                             f"runtime set, requirements-runtime.txt, leaves it out); give an artifacts "
+                             f"folder (`mobilevlm-export`, on a machine with requirements.txt installed) "
+                             f"and the onnxruntime/llamacpp backends")
     from .checkpoint import load_checkpoint
     if manifest is None:
         return load_checkpoint(path, opts.vision_tower)

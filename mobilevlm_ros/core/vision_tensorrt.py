@@ -127,9 +127,20 @@ def _trt():
     return trt
 
 
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ModelLoadError(f"the tensorrt vision backend keeps its GPU buffers in torch tensors and needs "
+                             f"torch with CUDA ({e}; the runtime set, requirements-runtime.txt, leaves torch "
+                             f"out: on a Jetson install NVIDIA's torch wheel for its JetPack); or use "
+                             f"--vision-backend onnxruntime") from None
+    return torch
+
+
 def cuda_device() -> str:
     """GPU name and compute capability, part of an engine's stamp."""
-    import torch
+    torch = _torch()
     if not torch.cuda.is_available():
         raise ModelLoadError("the tensorrt vision backend needs a CUDA GPU visible to torch")
     major, minor = torch.cuda.get_device_capability(0)
@@ -208,7 +219,7 @@ class TensorRTVision(VisionBackend):
     name = "tensorrt"
 
     def __init__(self, engine_file: Path, image_size: int = 336, dtype: str = "fp32", fp16: bool = True):
-        import torch
+        torch = _torch()
         trt = _trt()
         self.engine_file, self.image_size, self.dtype, self.fp16 = Path(engine_file), int(image_size), dtype, fp16
         self.device = torch.device("cuda", 0)

@@ -9,7 +9,8 @@
    moving frames (640x480 rgb8, a drifting gradient with a bouncing square and disc) at ~10 Hz;
    with --image-topic, remaps the node's default camera to that topic (a real camera);
 3. asks the question through the node's ~/ask service (or the ~/ask_stream action with --stream)
-   and prints the answer, the stamp of the frame it describes and the timings;
+   and prints the answer, the stamp of the frame it describes and the timings; for a model with
+   random weights (the tiny one of scripts/setup.sh), one more line says the answer is random text;
 4. shuts the node down (SIGINT, as Ctrl-C would) and checks that it exited cleanly.
 
 Exit status 0 when the question was answered and the node stopped cleanly, 1 otherwise.
@@ -26,10 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from ..resources import share_file
+from .make_tiny import has_random_decoder
 from .synthetic import render_frame
 from .traffic import NodeUnderTest
 
 DEFAULT_MODELS = ("models/tiny-v2-artifacts", "models/tiny-v2")    # what scripts/setup.sh makes
+RANDOM_NOTE = ("[the answer is random text: {model} is a test model with random weights (mobilevlm-make-tiny) "
+               "that shows the plumbing only; for real answers see README.md, \"The real-model path\"]")
 
 
 def image_msg(pixels: np.ndarray, stamp, frame_id: str = "demo_camera"):
@@ -174,6 +178,8 @@ def main(argv=None) -> int:
         print(text)
         if not a.image_topic:
             print(f"[{published[0]} sample frames published]")
+        if res["success"] and has_random_decoder(model):
+            print(RANDOM_NOTE.format(model=model))
         code = 0 if res["success"] else 1
     except RuntimeError as e:
         print(f"mobilevlm-demo: {e}", file=sys.stderr)

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .dev_packages import needs_dev_packages
+
 log = logging.getLogger("mobilevlm_ros.export")
 
 DEFAULT_QUANTS = "q4_k_m"
@@ -172,7 +174,8 @@ def export(model: Path, out: Path, vision_dtypes, quants, llm: bool = True, visi
             "tool_version": _tool_version(),
             "model_id": model.resolve().name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {"path": str(model.resolve()), "config_sha256": config_sha},
+            "source": {"path": str(model.resolve()), "config_sha256": config_sha,
+                       "name_or_path": cfg.raw.get("_name_or_path")},
             "projector_type": cfg.projector_type,
             "image_size": vcfg.image_size,
             "image_tokens": projector_tokens(cfg.projector_type, vcfg.num_patches),
@@ -189,6 +192,7 @@ def export(model: Path, out: Path, vision_dtypes, quants, llm: bool = True, visi
     return manifest
 
 
+@needs_dev_packages("mobilevlm-export")
 def main(argv=None) -> int:
     from ..core.onnx_export import DTYPES
     from ..core.pipeline import QUANTS

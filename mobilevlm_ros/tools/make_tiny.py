@@ -34,6 +34,8 @@ import random
 import sys
 from pathlib import Path
 
+from .dev_packages import needs_dev_packages
+
 DIMS = {
     # LLM: hidden, layers, heads, ffn, vocab; vision: width, layers, heads, ffn
     "tiny": dict(hidden=256, layers=2, heads=8, ffn=768, vocab=2000,
@@ -45,6 +47,9 @@ DIMS = {
 }
 PUBLISHED_CLIP = "openai/clip-vit-large-patch14-336"
 TINY_CLIP = "clip-vit-tiny-patch14-336"
+# config.json "_name_or_path" of a model whose language model is random (make_checkpoint); the export
+# keeps it in manifest.json (source.name_or_path), so its artifacts are known as random too
+RANDOM_NAME_PREFIX = "mobilevlm-random-"
 
 _WORDS = ("the a an is are was of in on at to with and or not what where who which how many color "
           "red green blue yellow black white gray orange purple brown object objects person people robot "
@@ -150,7 +155,7 @@ def _random_state(d: dict, projector: str, seed: int):
 
 def _config(d: dict, projector: str, vision_tower: str) -> dict:
     return {
-        "_name_or_path": f"mobilevlm-random-{projector}",
+        "_name_or_path": f"{RANDOM_NAME_PREFIX}{projector}",
         "architectures": ["MobileLlamaForCausalLM"],
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -419,6 +424,27 @@ def _write_clip_folder(clip_dir: Path, vision: dict, d: dict) -> None:
     _write_json(clip_dir / "preprocessor_config.json", PREPROCESSOR)
 
 
+def has_random_decoder(model: Path) -> bool:
+    """True when `model` (a checkpoint folder, or an artifacts folder exported from one) was made by
+    make_checkpoint: its language model has random weights, so its answers are random text."""
+    def name_in(path: Path):
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+    model = Path(model)
+    name = name_in(model / "config.json")
+    if name is None:
+        try:
+            source = json.loads((model / "manifest.json").read_text(encoding="utf-8")).get("source") or {}
+        except (OSError, ValueError, AttributeError):
+            source = {}
+        # exports made before the manifest kept the name: read the source checkpoint's config
+        name = source.get("name_or_path") or (name_in(Path(source["path"]) / "config.json")
+                                              if source.get("path") else None)
+    return isinstance(name, str) and name.startswith(RANDOM_NAME_PREFIX)
+
+
 def make_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", seed: int = 0,
                     fmt: str = "bin", shards: int = 1) -> Path:
     d = DIMS[dims]
@@ -440,6 +466,7 @@ def make_checkpoint(out: Path, projector: str = "ldpnetv2", dims: str = "tiny", 
     return out
 
 
+@needs_dev_packages("mobilevlm-make-tiny")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-make-tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", type=Path)

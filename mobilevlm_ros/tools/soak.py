@@ -30,7 +30,11 @@ DEFAULT_MODEL = Path("models/tiny-v2-artifacts")         # what scripts/setup.sh
 DEFAULT_CAMERAS = ["front:640x480@60", "rear:1920x1080@60"]
 
 
-def plot(samples, streams, path: Path, title: str) -> None:
+def plot(samples, streams, path: Path, title: str) -> bool:
+    """soak.png; False (and a note why) when matplotlib is not installed."""
+    from .dev_packages import png_plots_possible
+    if not png_plots_possible(path):
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,6 +60,7 @@ def plot(samples, streams, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -111,10 +116,11 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(flood.samples)
     (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    plot(flood.samples, streams, out / "soak.png",
-         f"mobilevlm-soak {a.duration:.0f} s, {a.clients} clients, " + ", ".join(map(str, streams)))
+    png = plot(flood.samples, streams, out / "soak.png",
+               f"mobilevlm-soak {a.duration:.0f} s, {a.clients} clients, " + ", ".join(map(str, streams)))
     print(json.dumps(result, indent=2))
-    print(f"wrote {out / 'soak.csv'}, {out / 'soak.png'}, {out / 'soak.json'}", file=sys.stderr)
+    print(f"wrote {out / 'soak.csv'}, " + (f"{out / 'soak.png'}, " if png else "") + f"{out / 'soak.json'}",
+          file=sys.stderr)
     if summary.lost or not alive or stop_code != 0 or stop_s > 2.0:
         code = 1
     return code

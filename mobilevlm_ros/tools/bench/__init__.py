@@ -29,6 +29,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ..dev_packages import needs_dev_packages
+
 SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilevlm_ros.tools.bench.decoder",
                "question": "mobilevlm_ros.tools.bench.question", "memory": "mobilevlm_ros.tools.bench.memory",
                "node": "mobilevlm_ros.tools.bench.node", "bandwidth": "mobilevlm_ros.tools.bench.bandwidth",
@@ -36,6 +38,7 @@ SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilev
                "fidelity": "mobilevlm_ros.tools.bench.fidelity", "all": "mobilevlm_ros.tools.bench.all"}
 
 
+@needs_dev_packages("mobilevlm-bench")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:

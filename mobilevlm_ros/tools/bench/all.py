@@ -220,11 +220,10 @@ def write_summary(out: Path, all_results: dict, info: dict, argv_line: str) -> N
             r = res.get(sub)
             if r and "error" not in r:
                 panels.append((importlib.import_module(f"mobilevlm_ros.tools.bench.{sub}").plot, r, name))
-    if panels:
-        save_figure(out / "summary.png", panels, f"mobilevlm-bench all — {machine_line(info)}",
-                    columns=len(all_results))
+    png = bool(panels) and save_figure(out / "summary.png", panels, f"mobilevlm-bench all — {machine_line(info)}",
+                                       columns=len(all_results))
     print(md)
-    _log(f"wrote {out / 'summary.md'}, {out / 'summary.png'}, {out / 'summary.json'}")
+    _log(f"wrote {out / 'summary.md'}, " + (f"{out / 'summary.png'}, " if png else "") + f"{out / 'summary.json'}")
 
 
 def main(argv=None) -> int:

@@ -154,15 +154,18 @@ def write_results(out, name: str, result, markdown: str,
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
     written = [f"{name}.json", f"{name}.md"]
-    if plot is not None:
-        save_figure(out / f"{name}.png", [(plot, result)], title)
+    if plot is not None and save_figure(out / f"{name}.png", [(plot, result)], title):
         written.append(f"{name}.png")
     print(f"wrote {', '.join(str(out / w) for w in written)}", file=sys.stderr)
 
 
-def save_figure(path: Path, panels, title: str = "", columns: int = 1) -> None:
+def save_figure(path: Path, panels, title: str = "", columns: int = 1) -> bool:
     """One PNG of several panels, each (plot, result) or (plot, result, name) drawn by
-    plot(result, ax); a name goes before the panel's title."""
+    plot(result, ax); a name goes before the panel's title. False (and a note why) when matplotlib
+    is not installed: the results are in the JSON and Markdown files all the same."""
+    from ..dev_packages import png_plots_possible
+    if not png_plots_possible(path):
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -183,6 +186,7 @@ def save_figure(path: Path, panels, title: str = "", columns: int = 1) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if title else None)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def barh(ax, labels, values, errors=None, xlabel: str = "", title: str = "", color=None, fmt_value="{:.0f}"):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dev_packages import install_hint, missing
 from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, report,
                      run_worker, stats, worker_main)
 
@@ -166,6 +167,11 @@ def run(a) -> dict:
     bad = [c for c in configs if c not in WORKERS]
     if bad:
         raise SystemExit(f"mobilevlm-bench question: unknown configuration {bad} (choose from {', '.join(WORKERS)})")
+    lacking = missing("torch", "transformers") if "reference" in configs else []
+    if lacking:     # before any work: the baseline runs last, in a worker process
+        raise SystemExit(f"mobilevlm-bench question: the reference configuration (the official script's "
+                         f"transformers generate) needs {' and '.join(lacking)}, {install_hint(lacking)}; "
+                         f"or leave it out: --configs ours")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if any(c.startswith("ours") for c in configs):
         a.artifacts = str(ensure_artifacts(a))
