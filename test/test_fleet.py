@@ -19,6 +19,9 @@ import yaml
 
 from mobilevlm_ros.replay import cli
 from mobilevlm_ros.replay import fleet as fleet_mod
+from mobilevlm_ros.replay.ray_pool import local_env
+
+local_env()         # before anything imports ray: Ray reads it at import (nodes on 127.0.0.1)
 from mobilevlm_ros.tools.make_bag import make_bag
 
 TOKENS = 3
@@ -193,8 +196,6 @@ def ray_cluster():
     from conftest import skip_reason_if_missing
     if reason := skip_reason_if_missing("ray"):
         pytest.skip(reason)
-    from mobilevlm_ros.replay.ray_pool import local_env
-    local_env()
     import ray
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -38,8 +38,9 @@ def import_ray():
 def local_env() -> None:
     """Ray on this machine only: the loopback address for every node, no usage reports."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray advertises the machine's network address on Linux unless told otherwise; with this it
-    # takes 127.0.0.1, as on a laptop
+    # Ray advertises the machine's network address on Linux unless told otherwise; with this the
+    # processes it starts (read at their import of ray) take 127.0.0.1, as on a laptop; the driver
+    # passes the address itself (ray is imported by then)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -108,7 +109,10 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
     actors = []
     try:
         cpus = max(1, fleet.settings.threads)
-        tracker = ray.remote(num_cpus=0)(_Progress).remote()
+        # the progress counter lives beside the driver (a node that goes away must not take it along)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        tracker = ray.remote(num_cpus=0, max_restarts=-1)(_Progress).options(scheduling_strategy=here).remote()
         # max_restarts=-1: an actor whose process or node died comes back (model loaded again);
         # its task is not retried by Ray (max_task_retries=0): the driver hands the bag out again
         Actor = ray.remote(num_cpus=cpus, max_restarts=-1, max_task_retries=0)(_Worker)
@@ -121,7 +125,11 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
         while queue or busy:
             pending = list(busy) + list(waking)
             done, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
-            for (name, where), n in ray.get(tracker.take.remote()).items():
+            try:
+                counts = ray.get(tracker.take.remote())
+            except RayActorError:                       # progress counts lost, not work
+                counts = {}
+            for (name, where), n in counts.items():
                 if progress is not None:
                     progress.record(name, n)
                 if fleet.on_event:
