@@ -203,6 +203,7 @@ def ray_cluster():
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     try:
         yield cluster
     finally:
@@ -491,8 +492,9 @@ def test_a_cluster_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
 
         ok = driver(with_token)
         assert ok.returncode == 0 and "CONNECTED 42" in ok.stdout, ok.stderr[-3000:]
+        # refused drivers: try the GCS for 3 s instead of 20 (Ray retries a failed connection)
         for env in (base, dict(with_token, RAY_AUTH_TOKEN=secrets.token_hex(16))):
-            refused = driver(env)
+            refused = driver(dict(env, RAY_gcs_server_port_wait_time_s="3"))
             out = refused.stdout + refused.stderr
             assert refused.returncode != 0 and "CONNECTED" not in refused.stdout, out[-3000:]
             assert "auth" in out.lower(), out[-3000:]
