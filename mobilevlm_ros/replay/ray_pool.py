@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Dict, List, Optional
 
 from .fleet import MAX_ATTEMPTS, BagWorker, Fleet, Job
@@ -84,10 +85,12 @@ class _Progress:
 class _Worker(BagWorker):
     """BagWorker as an actor: its answered questions go to the progress actor."""
 
-    def __init__(self, settings, progress):
+    def __init__(self, settings, progress_name: str):
         import ray
         super().__init__(settings)
-        self.progress = progress
+        # by name, not by handle: a handle argument would sit in the object store, where a restart
+        # after the driver's reference is gone could not find it
+        self.progress = ray.get_actor(progress_name)
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def run(self, job: Job) -> dict:
@@ -106,17 +109,21 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
     ray = import_ray()
     from ray.exceptions import RayActorError
     started = connect(address)
-    actors = []
+    spawned = []
     try:
         cpus = max(1, fleet.settings.threads)
         # the progress counter lives beside the driver (a node that goes away must not take it along)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        tracker = ray.remote(num_cpus=0, max_restarts=-1)(_Progress).options(scheduling_strategy=here).remote()
+        progress_name = f"mobilevlm-replay-progress-{uuid.uuid4().hex}"
+        tracker = ray.remote(num_cpus=0, max_restarts=-1)(_Progress).options(
+            name=progress_name, scheduling_strategy=here).remote()
+        spawned.append(tracker)                 # killed with the workers at the end
         # max_restarts=-1: an actor whose process or node died comes back (model loaded again);
         # its task is not retried by Ray (max_task_retries=0): the driver hands the bag out again
         Actor = ray.remote(num_cpus=cpus, max_restarts=-1, max_task_retries=0)(_Worker)
-        actors = [Actor.remote(fleet.settings, tracker) for _ in range(max(1, min(workers, len(jobs))))]
+        actors = [Actor.remote(fleet.settings, progress_name) for _ in range(max(1, min(workers, len(jobs))))]
+        spawned += actors
         queue = list(jobs)
         busy: Dict[object, tuple] = {}          # future -> (actor index, job)
         waking: Dict[object, int] = {}          # ready() future -> actor index
@@ -169,7 +176,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                     job = queue.pop(0)
                     busy[actors[i].run.remote(job)] = (i, job)
     finally:
-        for a in actors:
+        for a in spawned:
             try:
                 ray.kill(a)
             except Exception:
