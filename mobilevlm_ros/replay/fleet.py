@@ -226,6 +226,7 @@ class Fleet:
     model_files_sha256: Dict[str, str] = field(default_factory=dict)
     on_event: Optional[Callable[..., None]] = None     # ("record", name, worker) / ("bag", name, status)
     attempts: Dict[str, int] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)   # s: ray_start, first_worker_ready
 
     def __post_init__(self):
         self.out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +301,7 @@ class Fleet:
                "model": {"path": self.settings.model, "load": self.settings.load,
                          "files_sha256": self.model_files_sha256},
                "generation": dataclasses.asdict(self.settings.generation),
-               **(extra or {}), "per_bag": bags}
+               "timings_s": {k: round(v, 3) for k, v in self.timings.items()}, **(extra or {}), "per_bag": bags}
         _write_atomic(self.out / "summary.json", json.dumps(run, indent=2, ensure_ascii=False) + "\n")
         return run
 

@@ -65,13 +65,17 @@ def main_fleet(a) -> int:
     fleet = None
     try:
         if use_ray:
+            t0 = time.perf_counter()
             started = connect(a.address)
+            ray_start = time.perf_counter() - t0
             cores = cluster_cpus()
             workers = a.workers or max(1, cores // max(1, a.threads or 2))
             threads = a.threads or max(1, cores // workers)
         else:
             workers, threads = 0, a.threads
         fleet = Fleet(jobs, settings_from_args(a, threads), out)
+        if use_ray:
+            fleet.timings["ray_start"] = ray_start
         todo = fleet.todo()
         skipped = len(jobs) - len(todo)
         print(f"mobilevlm-replay: {len(jobs)} bags, {skipped} complete from an earlier run, {len(todo)} to do"

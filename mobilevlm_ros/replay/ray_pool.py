@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Dict, List, Optional
 
@@ -108,6 +109,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
         return
     ray = import_ray()
     from ray.exceptions import RayActorError
+    t0 = time.perf_counter()
     started = connect(address)
     spawned = []
     try:
@@ -151,6 +153,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                             raise ModelLoadError(_cause(e)) from None
                         waking[actors[i].ready.remote()] = i     # died while starting: it restarts
                         continue
+                    fleet.timings.setdefault("first_worker_ready", time.perf_counter() - t0)
                     if queue:
                         job = queue.pop(0)
                         busy[actors[i].run.remote(job)] = (i, job)
