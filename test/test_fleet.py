@@ -455,9 +455,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_a_cluster_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
+def test_a_cluster_with_token_auth_refuses_a_driver_without_the_token(bags, baseline, tiny_v2, tmp_path):
     """`ray start --head` with RAY_AUTH_MODE=token (as docs/fleet.md tells a cluster to run): a
-    driver with the token connects and runs a task; one without it, or with another, is refused."""
+    driver with the token connects and runs a task, and `mobilevlm-replay --address` with it
+    replays a bag there; a driver without the token, or with another, is refused."""
     import secrets
     import socket
     import tempfile
@@ -492,6 +493,13 @@ def test_a_cluster_with_token_auth_refuses_a_driver_without_the_token(tmp_path):
 
         ok = driver(with_token)
         assert ok.returncode == 0 and "CONNECTED 42" in ok.stdout, ok.stderr[-3000:]
+        out = tmp_path / "on_cluster"
+        run = subprocess.run([sys.executable, "-m", "mobilevlm_ros.replay.cli",
+                              *fleet_args([bags["good"][0]], out, tiny_v2, "--questions", bags["questions"],
+                                          "--address", address, "--workers", 1)],
+                             env=with_token, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert untimed(out / "run0.jsonl") == baseline["run0"]
         # refused drivers: try the GCS for 3 s instead of 20 (Ray retries a failed connection)
         for env in (base, dict(with_token, RAY_AUTH_TOKEN=secrets.token_hex(16))):
             refused = driver(dict(env, RAY_gcs_server_port_wait_time_s="3"))
