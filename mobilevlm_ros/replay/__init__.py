@@ -4,7 +4,8 @@
 - questions: the questions file and the schedule of its questions on a bag's clock
 - runner:    one bag through the engine on the bag's clock -> one JSON line per question
 - compare:   two runs of a bag, line by line (--expect)
-- fleet:     many bags into an output folder: serially here or on Ray workers, resumable
+- fleet:     many bags into an output folder (jobs, the worker, resume, the run's summary),
+             serially here; ray_pool: the same on Ray actors; fleet_cli: `--out-dir`
 - report:    a fleet run against a previous one, as one self-contained report.html
 - cli:       the mobilevlm-replay command
 
