@@ -52,7 +52,7 @@ CONSOLE_SCRIPTS = [
     "mobilevlm-ask=mobilevlm_ros.tools.ask:main",
     "mobilevlm-export=mobilevlm_ros.tools.export:main",
     "mobilevlm-build-engine=mobilevlm_ros.tools.build_engine:main",
-    "mobilevlm-replay=mobilevlm_ros.tools.replay:main",
+    "mobilevlm-replay=mobilevlm_ros.replay.cli:main",
     "mobilevlm-make-bag=mobilevlm_ros.tools.make_bag:main",
     "mobilevlm-bench=mobilevlm_ros.tools.bench:main",
     "mobilevlm-node=mobilevlm_ros.ros.node:main",
@@ -69,6 +69,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mobilevlm_ros", "mobilevlm_ros.*"]),
     install_requires=["numpy", "pillow", "pyyaml"],
+    # `mobilevlm-replay BAGS... --out-dir DIR` on Ray workers (a local Ray or a cluster); one bag,
+    # and --workers 0, need no Ray
+    extras_require={"fleet": ["ray==2.60.0"]},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     data_files=data_files(),
 )

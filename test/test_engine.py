@@ -325,7 +325,7 @@ def test_captions_are_published_when_idle(torch_model):
      ("rclpy", "rosidl_runtime_py", "sensor_msgs", "std_msgs", "builtin_interfaces", "mobilevlm_ros.msg",
       "mobilevlm_ros.srv", "mobilevlm_ros.ros")),
     # replay reads bags with rosbags and shares the adapter's field conversion, never rclpy
-    ("mobilevlm_ros.tools.replay", ("rclpy", "rosidl_runtime_py", "mobilevlm_ros.msg", "mobilevlm_ros.srv")),
+    ("mobilevlm_ros.replay.cli", ("rclpy", "rosidl_runtime_py", "mobilevlm_ros.msg", "mobilevlm_ros.srv")),
 ])
 def test_engine_and_core_import_no_ros(modules, forbidden):
     """Checked in a fresh interpreter: importing these loads none of the forbidden packages."""

@@ -123,7 +123,7 @@ from mobilevlm_ros.msg import Answer
 from mobilevlm_ros.srv import Ask
 from mobilevlm_ros.resources import share_file
 from ament_index_python.packages import get_package_share_directory
-for m in ("mobilevlm_ros.tools.replay", "mobilevlm_ros.tools.export", "mobilevlm_ros.tools.make_bag",
+for m in ("mobilevlm_ros.replay.cli", "mobilevlm_ros.tools.export", "mobilevlm_ros.tools.make_bag",
           "mobilevlm_ros.tools.demo", "mobilevlm_ros.ros.node"):
     importlib.import_module(m)
 print(json.dumps({

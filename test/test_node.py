@@ -508,8 +508,8 @@ def test_replay_and_the_live_node_pick_the_same_frames_and_answer_alike(client, 
     import yaml
     from rclpy.time import Time
 
-    from mobilevlm_ros.tools import replay
-    from mobilevlm_ros.tools.bagio import BagReader
+    from mobilevlm_ros.replay import cli as replay
+    from mobilevlm_ros.replay.bagio import BagReader
     from mobilevlm_ros.tools.make_bag import make_bag
     questions = ["What is in front?", QUESTION]
     info = make_bag(tmp_path / "bag", storage="mcap", seconds=2.0, rate=2.0, cameras=("front",),

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import yaml
 
-from mobilevlm_ros.tools import bagio
+from mobilevlm_ros.replay import bagio
 from mobilevlm_ros.core.generation import GenerationParams
 from mobilevlm_ros.core.pipeline import load_model
 from mobilevlm_ros.engine.frames import NS
 from mobilevlm_ros.ros.conversion import stamp_ns
 from mobilevlm_ros.tools import ask as ask_tool
 from mobilevlm_ros.tools import make_bag as make_bag_tool
-from mobilevlm_ros.tools import replay
+from mobilevlm_ros.replay import cli as replay
 from mobilevlm_ros.tools.make_bag import make_bag, render_frame
 
 SIZE = (64, 48)

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from .bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
+from ..replay.bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
 from ..core.errors import ImageError, MobileVLMError
 from ..engine import images
 from ..engine.config import check_cameras

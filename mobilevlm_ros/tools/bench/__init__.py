@@ -20,6 +20,8 @@
     mobilevlm-bench fidelity [--out DIR] [--quick]  each GGUF quantization and the int8 vision graph
                                                     against the float32 reference on a trained LM
                                                     (SmolLM2 test model): answers, top token, KL
+    mobilevlm-bench fleet    --model ART ...        many bags: serial replays against a fleet run on
+                                                    1 and 2 Ray workers, and a projection to K machines
 
 Each writes NAME.json, NAME.md and NAME.png into --out. Benchmarks are never part of the test suite;
 run them on an otherwise idle machine.
@@ -35,7 +37,8 @@ SUBCOMMANDS = {"vision": "mobilevlm_ros.tools.bench.vision", "decoder": "mobilev
                "question": "mobilevlm_ros.tools.bench.question", "memory": "mobilevlm_ros.tools.bench.memory",
                "node": "mobilevlm_ros.tools.bench.node", "bandwidth": "mobilevlm_ros.tools.bench.bandwidth",
                "images": "mobilevlm_ros.tools.bench.images", "batches": "mobilevlm_ros.tools.bench.batches",
-               "fidelity": "mobilevlm_ros.tools.bench.fidelity", "all": "mobilevlm_ros.tools.bench.all"}
+               "fidelity": "mobilevlm_ros.tools.bench.fidelity", "fleet": "mobilevlm_ros.tools.bench.fleet",
+               "all": "mobilevlm_ros.tools.bench.all"}
 
 
 @needs_dev_packages("mobilevlm-bench")
