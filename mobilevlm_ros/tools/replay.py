@@ -17,7 +17,9 @@ before the bag moves on. So a question gets the frame the node would pick (engin
 
 Output: one JSON line per question (answers, and failures with "error"), a summary in
 <out>.summary.json and on stderr. --answers-bag writes the answers as mobilevlm_ros/msg/Answer
-(mcap) on /mobilevlm/answers, as the node publishes them. --expect compares with a previous output.
+(mcap) on /mobilevlm/answers, as the node publishes them, and each answer drawn on its frame
+(JPEG, sensor_msgs/CompressedImage, the frame's header) on /mobilevlm/annotated/compressed, as the
+node's ~/annotated/compressed. --expect compares with a previous output.
 See docs/replay.md for the questions file.
 
 Exit codes: 0 done; 1 the model cannot be loaded; 2 bad input (bag missing, corrupt or unsupported,
@@ -45,13 +47,15 @@ from ..core.generation import GenerationParams
 from ..engine.config import AUTO_AGE_MIN_S, ConfigError, EngineConfig, check_cameras
 from ..engine.engine import Engine, SimClock
 from ..engine.frames import NS
+from ..engine import annotate
 from ..engine.requests import Request, Result
-from ..ros.conversion import raw_image, stamp_ns
+from ..ros.conversion import JPEG_FORMAT, raw_image, stamp_ns
 from .ask import add_generation_args, add_model_args, load_from_args, params_from_args
 
 log = logging.getLogger("mobilevlm-replay")
 
 ANSWERS_TOPIC = "/mobilevlm/answers"
+ANNOTATED_TOPIC = "/mobilevlm/annotated/compressed"
 PROGRESS_MIN_MESSAGES = 200
 LIST_LIMIT = 50                    # --expect differences printed
 EXIT_OK, EXIT_MODEL, EXIT_INPUT, EXIT_CHANGED = 0, 1, 2, 3
@@ -463,6 +467,10 @@ class Replay:
                 first_token_ms=r.first_token_ms, total_ms=r.total_ms, answered_at_ns=a.at_ns,
                 status=int(r.status))
             self.answers_bag.write(ANSWERS_TOPIC, ANSWER, a.at_ns, msg)
+            bgr = annotate.annotate(r, a.question)      # the node's ~/annotated image of this answer
+            if bgr is not None:
+                self.answers_bag.write(ANNOTATED_TOPIC, COMPRESSED, a.at_ns, self.answers_bag.compressed(
+                    stamp_ns(h.stamp), str(h.frame_id), annotate.encode_jpeg(bgr), JPEG_FORMAT))
 
     # -------------------------------------------------------------- summary
     def summary(self) -> dict:
@@ -605,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frame-cache-size", type=int, default=None, metavar="N",
                     help="encoded frames kept per camera (default: as --vision-rate-hz)")
     ap.add_argument("--answers-bag", default=None, metavar="PATH",
-                    help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC} into a new mcap bag")
+                    help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC}, and drawn on their frames "
+                         f"on {ANNOTATED_TOPIC}, into a new mcap bag")
     ap.add_argument("--expect", default=None, metavar="PREVIOUS.jsonl",
                     help="compare with a previous output; exit 3 listing what changed")
     ap.add_argument("--no-progress", action="store_true")
