@@ -5,6 +5,10 @@ subscription, of a rosbag reader (rosbags' classes have the same fields) and of 
 """
 from __future__ import annotations
 
+import array
+
+import numpy as np
+
 from ..engine.images import RawImage, as_bytes
 from ..engine.requests import Request, Result
 
@@ -42,7 +46,9 @@ def fill_image(msg, header, bgr):
     copy_header(msg.header, header)
     msg.height, msg.width = int(bgr.shape[0]), int(bgr.shape[1])
     msg.encoding, msg.is_bigendian, msg.step = "bgr8", 0, int(bgr.shape[1]) * 3
-    msg.data = bgr.tobytes()
+    data = array.array("B")
+    data.frombytes(np.ascontiguousarray(bgr).data)     # one copy; bytes would be copied twice (rclpy)
+    msg.data = data
     return msg
 
 
