@@ -462,7 +462,7 @@ class Flood:
         row["annotated_received"] = self.annotated_received
         for k in ("drawn", "no_subscriber", "dropped"):
             row[f"annotated_{k}"] = int(d.get(f"annotated_{k}", 0))
-        for k in ("draw_ms_avg", "jpeg_ms_avg", "cpu_ms_avg"):
+        for k in ("draw_ms_avg", "raw_ms_avg", "jpeg_ms_avg", "cpu_ms_avg"):
             row[f"annotated_{k}"] = float(d.get(f"annotated_{k}", "nan"))
         return row
 

@@ -26,7 +26,8 @@ gives one figure of each kind; the table shows the median (min–max) over the w
 --annotated (none | raw | jpeg | both, comma-separated: one node per value, side by side): the
 benchmark process also subscribes to the node's ~/annotated (raw), ~/annotated/compressed (jpeg)
 or both, as a viewer would; a third table shows the images received and the node's own cost per
-image (decode + draw, JPEG encoding, CPU time of its drawing thread), beside the answer times.
+image (decode + draw, the Image message and its publishing, JPEG encoding and publishing: wall ms
+of a thread at ros_threads_nice; and the CPU time of that thread), beside the answer times.
 Over the whole run after the warm-up: p50 / p95 of answer time and frame age, and the answers
 encoded on demand. Unless --no-isolated, the same run first measures the isolated question
 (`mobilevlm-bench question`'s `ours` on the same artifacts, the node's default quant and vision
@@ -167,7 +168,7 @@ def _work(job: dict) -> dict:
     cam = summary.cameras[stream.name]
     last = samples[-1] if samples else {}
     annotated = {k: last.get(f"annotated_{k}") for k in ("received", "drawn", "no_subscriber", "dropped",
-                                                          "draw_ms_avg", "jpeg_ms_avg", "cpu_ms_avg")}
+                                                          "draw_ms_avg", "raw_ms_avg", "jpeg_ms_avg", "cpu_ms_avg")}
     return {"stream": str(stream), "dds": job["dds"], "annotated_viewer": job.get("annotated", "none"),
             "annotated": annotated, "params": job["params"], "node_alive": alive,
             "idle_rss_mb": idle.get("VmRSS"), "windows": windows, **run_figures(outcomes, warmup),
@@ -263,13 +264,14 @@ def table(result: dict) -> str:
                      f"{_num(r.get('frame_age_ms_p95'))} | {r.get('on_demand_run', 0)} |")
     if any(r.get("annotated_viewer", "none") != "none" for r in result["streams"]):
         lines += ["", "| stream | DDS | annotated viewer | answers | images received | drawn | dropped | "
-                  "decode + draw ms | JPEG ms | drawing thread CPU ms / image | answer ms p50 / p95 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "decode + draw ms | Image msg + publish ms | JPEG + publish ms | drawing thread CPU ms / image | "
+                  "answer ms p50 / p95 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["streams"]:
             an = r.get("annotated", {})
             lines.append(f"| {r['stream']} | {r['dds']} | {r.get('annotated_viewer', 'none')} | "
                          f"{r.get('answers_run', 0)} | {an.get('received', 0)} | {an.get('drawn', 0)} | "
-                         f"{an.get('dropped', 0)} | {_num(an.get('draw_ms_avg'), 1)} | {_num(an.get('jpeg_ms_avg'), 1)} | "
+                         f"{an.get('dropped', 0)} | {_num(an.get('draw_ms_avg'), 1)} | {_num(an.get('raw_ms_avg'), 1)} | "
+                         f"{_num(an.get('jpeg_ms_avg'), 1)} | "
                          f"{_num(an.get('cpu_ms_avg'), 1)} | {_num(r.get('answer_ms_p50'))} / "
                          f"{_num(r.get('answer_ms_p95'))} |")
     params = " ".join(f"{k}:={v}" for k, v in result.get("params", {}).items()) or "none"
