@@ -121,7 +121,7 @@ def wrap(text: str, max_w: int, scale: float, thickness: int, max_lines: int) ->
     cur = ""
     words = text.split()
     cut = False
-    for i, word in enumerate(words):
+    for word in words:
         cand = f"{cur} {word}" if cur else word
         if _width(cand, scale, thickness) <= max_w:
             cur = cand
