@@ -239,3 +239,25 @@ def test_shipped_fastdds_profile_carries_large_raw_frames(tmp_path):
         if w["received_pct"] >= 60:
             break
     assert max(seen) >= 60, seen
+
+
+def test_node_bench_annotated_viewers_are_checked_and_tabled(tmp_path, capsys):
+    """--annotated names the viewers compared side by side (one node each); an unknown one is refused
+    before anything starts, and a run with a viewer gets the annotated table."""
+    from mobilevlm_ros.tools.bench import node
+    assert node.main(["--model", str(tmp_path), "--annotated", "none,sideways"]) == 1
+    assert "unknown --annotated viewer 'sideways'" in capsys.readouterr().err
+    fig = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    row = {k: fig for k in node.FIGURES} | {
+        "stream": "front:640x480@30:raw", "dds": "shm", "callback_cpu_ms_max_run": 1.0, "frame_age_ms_max_run": 1.0,
+        "errors": 0, "lost": 0, "node_alive": True, "answers_run": 5, "answer_ms_p50": 300.0, "answer_ms_p95": 900.0}
+    result = {"streams": [row | {"annotated_viewer": "none", "annotated": {}},
+                          row | {"annotated_viewer": "both", "annotated": {
+                              "received": 10, "drawn": 5, "dropped": 0, "draw_ms_avg": 2.5, "raw_ms_avg": 0.5, "jpeg_ms_avg": 1.25,
+                              "cpu_ms_avg": 3.0}}],
+              "params": {}, "ask_interval_s": 1.0, "ask_random": True, "windows": 1, "window_s": 3.0,
+              "warmup_s": 1.0, "tokens": 8,
+              "machine": {"cpu": "AMD EPYC", "cpu_count": 2, "threads": 0, "load_avg_start": 0.5}}
+    md = node.table(result)
+    assert "| front:640x480@30:raw + annotated viewer both | shm |" in md
+    assert "| front:640x480@30:raw | shm | both | 5 | 10 | 5 | 0 | 2.5 | 0.5 | 1.2 | 3.0 | 300 / 900 |" in md

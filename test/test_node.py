@@ -590,6 +590,65 @@ def test_status_codes_reach_the_client(client):
     assert answer is not None and answer.status.code == Status.OK and answer.first_token_ms > 0
 
 
+def test_annotated_image_is_the_answered_frame_drawn_only_while_watched(client):
+    """~/annotated: with no subscriber an answer is not drawn (diagnostics count it); with one, the
+    answer comes as a bgr8 image with the frame's header whose pixels above the text band are the
+    frame's (published rgb8: the colours reversed), and as a JPEG on ~/annotated/compressed; an
+    error answer (NO_FRAME) is drawn on nothing and published on nothing."""
+    from sensor_msgs.msg import CompressedImage, Image
+
+    def annotated():
+        return client.diag.get("annotated", {})
+
+    def count(key):
+        return int(annotated().get(f"annotated_{key}", 0))
+    assert wait_for(lambda: annotated(), 10), client.diag
+    assert annotated()["subscribers_raw"] == "0" and annotated()["subscribers_compressed"] == "0"
+    client.publish_and_wait_encoded("front", synthetic())
+    drawn, skipped = count("drawn"), count("no_subscriber")
+    assert client.ask().success
+    assert wait_for(lambda: count("no_subscriber") > skipped, 5), annotated()
+    assert count("drawn") == drawn
+
+    images, jpegs = [], []
+    subs = [client.node.create_subscription(Image, f"{NODE}/annotated", images.append, 10),
+            client.node.create_subscription(CompressedImage, f"{NODE}/annotated/compressed", jpegs.append, 10)]
+    try:
+        assert wait_for(lambda: annotated().get("subscribers_raw") == "1"
+                        and annotated().get("subscribers_compressed") == "1", 15), annotated()
+        frame = synthetic(240, 320, seed=21)
+        header = client.publish_and_wait_encoded("front", frame, frame_id="annotated_cam")
+        res = client.ask(stamp=header.stamp)        # not the older frame the decoder may hold already
+        assert res.success and stamp_of(res.header) == stamp_of(header)
+
+        def arrived(msgs):
+            return next((m for m in msgs if stamp_of(m.header) == stamp_of(header)), None)
+        img = wait_for(lambda: arrived(images), 10)
+        assert img is not None, annotated()
+        assert (img.encoding, img.height, img.width, img.step) == ("bgr8", 240, 320, 960)
+        assert img.header.frame_id == "annotated_cam"
+        bgr = np.frombuffer(bytes(img.data), np.uint8).reshape(240, 320, 3)
+        want = frame[:, :, ::-1]
+        changed = np.flatnonzero((bgr != want).any(axis=(1, 2)))
+        assert changed.size and changed[0] >= 120, "text drawn outside the band at the bottom"
+        assert np.array_equal(bgr[:changed[0]], want[:changed[0]])
+        jpeg = wait_for(lambda: arrived(jpegs), 10)
+        assert jpeg is not None and jpeg.header.frame_id == "annotated_cam" and "jpeg" in jpeg.format
+        from mobilevlm_ros.engine.annotate import encode_jpeg
+        assert bytes(jpeg.data) == encode_jpeg(bgr, 80)     # the same image (annotated_jpeg_quality 80)
+        assert wait_for(lambda: count("drawn") == drawn + 1, 5), annotated()
+
+        n_images, n_jpegs = len(images), len(jpegs)
+        offered = count("offered")
+        assert client.ask(camera="left").status.code == Status.NO_FRAME
+        time.sleep(1.0)                                     # five diagnostics periods
+        assert (len(images), len(jpegs)) == (n_images, n_jpegs)
+        assert count("drawn") == drawn + 1 and count("offered") == offered and count("errors") == 0
+    finally:
+        for sub in subs:
+            client.node.destroy_subscription(sub)
+
+
 def test_waiting_requests_hold_no_executor_thread(tiny_v2, rclpy_context):
     """Service callbacks await the engine: with 12 long requests waiting, the node answers its
     parameter service at once and has no more threads than before they arrived."""
@@ -650,12 +709,16 @@ def test_invalid_parameters_exit_non_zero():
 def test_demo(tmp_path, tiny_v2_artifacts):
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.demo", "--max-new-tokens", "4", "--quiet",
-                           "--namespace", f"/demo_{os.getpid()}", "--model", str(tiny_v2_artifacts)],
+                           "--namespace", f"/demo_{os.getpid()}", "--model", str(tiny_v2_artifacts),
+                           "--annotated-png", "answer.png"],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "frame stamp" in proc.stdout and "sample frames published" in proc.stdout
     # the tiny model's answer is random text, and the demo says so in one line
     assert "the answer is random text" in proc.stdout and "The real-model path" in proc.stdout
+    from PIL import Image as PILImage
+    with PILImage.open(tmp_path / "answer.png") as im:      # the demo's 640x480 frame, the answer on it
+        assert im.size == (640, 480) and im.mode == "RGB"
     assert "node stopped cleanly" in proc.stderr
 
 

@@ -228,6 +228,16 @@ def test_answer_equals_mobilevlm_ask_and_answers_bag_reads_back(bags, tiny_v2, t
         assert (msg.prompt_tokens, msg.completion_tokens, msg.finish_reason) == (
             r["prompt_tokens"], r["completion_tokens"], r["finish_reason"])
         assert msg.model_id == tiny_v2.name and msg.total_ms > 0 and msg.status.code == 0
+    # and each answer drawn on its frame (JPEG), with the frame's header, at the answer's bag time
+    with bagio.BagReader(abag) as bag:
+        images = [(ts, m) for _, _, ts, m in bag.iter_messages([replay.ANNOTATED_TOPIC])]
+    assert len(images) == len(recs)
+    for (ts, img), r in zip(images, recs):
+        assert ts == r["bag_time_ns"]
+        assert {"sec": img.header.stamp.sec, "nanosec": img.header.stamp.nanosec} == r["frame_stamp"]
+        assert img.header.frame_id == r["frame_id"] and "jpeg" in img.format
+        with Image.open(io.BytesIO(bytes(img.data))) as im:
+            assert im.format == "JPEG" and im.size == SIZE
     # the bag carries the package's own definition of the type
     with bagio.BagReader(abag) as bag:
         [conn] = [c for c in bag.reader.connections if c.topic == replay.ANSWERS_TOPIC]

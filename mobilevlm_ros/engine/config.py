@@ -79,6 +79,11 @@ class EngineConfig:
                                   runtime=False)
     frame_cache_size: int = _f(4, "encoded frames (embeddings + headers) kept per camera", runtime=False,
                                low=1, high=1000)
+    keep_frame_images: bool = _f(True, "keep each cached frame as received (message data, or JPEG/PNG bytes) "
+                                 "beside its embedding, so that an answer is drawn on the frame it describes "
+                                 "(the node's ~/annotated, replay's answers bag); costs frame_cache_size "
+                                 "frames per camera in memory. false: a frame's pixels are freed once it is "
+                                 "encoded, and no answer is drawn", runtime=False)
     max_queue: int = _f(4, "requests waiting for the generation worker; more are answered BUSY",
                         runtime=False, low=1, high=256)
     vision_rate_hz: float = _f(2.0, "most frame-batch encodes per second; 0 = as fast as possible",

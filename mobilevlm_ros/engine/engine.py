@@ -101,7 +101,7 @@ class Engine:
         self.config = config.validate()
         self.clock = clock
         self.simulated = simulated
-        self.frames = FrameStore(self.config.cameras, self.config.frame_cache_size)
+        self.frames = FrameStore(self.config.cameras, self.config.frame_cache_size, self.config.keep_frame_images)
         self.on_answer: Optional[Callable[[Request, Result], None]] = None   # every generated answer
         self.last_error = ""
         self._lock = threading.Lock()
@@ -418,7 +418,7 @@ class Engine:
                       prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                       finish_reason=gen.finish_reason, vision_ms=vision_ms, prefill_ms=gen.prefill_ms,
                       decode_ms=gen.decode_ms, first_token_ms=gen.first_token_ms, frame_age_ms=age_ms,
-                      encoded_on_demand=on_demand)
+                      encoded_on_demand=on_demand, image=cached.image)
 
     # ============================================================== idle work
     def _to_prefill(self):

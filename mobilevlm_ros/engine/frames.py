@@ -6,7 +6,9 @@ Pure Python (numpy, no rclpy), so replay and benchmark tools reuse it with frame
 Per camera (`CameraFrames`):
 - a *pending* slot holding the newest received frame that is not encoded yet. A newer frame
   replaces it (latest frame wins) and counts as a drop, so the image callback is O(1);
-- the embeddings of the last K encoded frames, with their headers (`frame_cache_size`).
+- the embeddings of the last K encoded frames, with their headers (`frame_cache_size`), and with
+  `keep_images` the frames as received (message data or compressed bytes), so that an answer can
+  be drawn on the very frame it describes (engine/annotate.py).
 
 `FrameStore.encode_pending(model)` (the node's vision worker) takes the pending frame of every
 camera, decodes compressed ones, and encodes them in one batched `model.encode` call. While
@@ -85,7 +87,8 @@ class CachedFrame:
     embedding: Any
     vision_ms: float
     seq: int
-    source: Optional[Frame] = None
+    source: Optional[Frame] = None    # lazily cached: what ensure_embedding encodes
+    image: Optional[Frame] = None     # the frame as received, kept with keep_images (for drawing)
 
     @property
     def encoded(self) -> bool:
@@ -216,7 +219,8 @@ def select_frame(candidates: Iterable[AnyFrame], camera: str, now_ns: int, max_a
 class FrameStore:
     """Every camera's frames behind one lock, plus the vision lock that serialises model.encode."""
 
-    def __init__(self, cameras: Iterable[str], cache_size: int):
+    def __init__(self, cameras: Iterable[str], cache_size: int, keep_images: bool = False):
+        self.keep_images = keep_images
         self.cameras: Dict[str, CameraFrames] = {c: CameraFrames(c, cache_size) for c in cameras}
         if not self.cameras:
             raise ValueError("at least one camera is needed")
@@ -312,7 +316,7 @@ class FrameStore:
                     c.pending = None
                 if lazy:
                     return [self._cache(CachedFrame(f.camera, f.header, f.stamp_ns, f.received_ns, None, 0.0,
-                                                    f.seq, source=f), None) for f in taken]
+                                                    f.seq, source=f, image=self._kept(f)), None) for f in taken]
                 abort = self._background = Abort()
             try:
                 return self._encode(model, taken, abort=abort)
@@ -391,9 +395,14 @@ class FrameStore:
         with self._lock:
             for (f, _), emb in zip(ready, embeddings):
                 c = CachedFrame(f.camera, f.header, f.stamp_ns, f.received_ns, emb,
-                                float(getattr(emb, "vision_ms", 0.0)), f.seq)
+                                float(getattr(emb, "vision_ms", 0.0)), f.seq, image=self._kept(f))
                 out.append(self._cache(c, (done_mono - f.received_mono) * 1e3) if keep else c)
         return out
+
+    def _kept(self, f: Frame) -> Optional[Frame]:
+        """What a cached frame keeps of its received frame: all of it with keep_images (its message
+        data, or compressed bytes: decoded again only when an answer is drawn), else nothing."""
+        return f if self.keep_images else None
 
     def _cache(self, c: CachedFrame, latency_ms: Optional[float]) -> CachedFrame:    # self._lock held
         cam = self.cameras[c.camera]

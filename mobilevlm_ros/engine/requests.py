@@ -63,6 +63,8 @@ class Result:
     total_ms: float = 0.0               # submitted -> finished
     frame_age_ms: float = 0.0           # clock at submission - frame stamp
     encoded_on_demand: bool = False     # the frame had to be encoded for this request
+    image: Any = field(default=None, repr=False)    # the answered frame as received (frames.Frame), when
+    #                                     the engine keeps frame images: what annotate.py draws on
 
     @property
     def success(self) -> bool:

@@ -19,7 +19,9 @@ before the bag moves on. So a question gets the frame the node would pick (engin
 
 Output: one JSON line per question (answers, and failures with "error"), a summary in
 <out>.summary.json and on stderr. --answers-bag writes the answers as mobilevlm_ros/msg/Answer
-(mcap) on /mobilevlm/answers, as the node publishes them. --expect compares with a previous output.
+(mcap) on /mobilevlm/answers, as the node publishes them, and each answer drawn on its frame
+(JPEG, sensor_msgs/CompressedImage, the frame's header) on /mobilevlm/annotated/compressed, as the
+node's ~/annotated/compressed. --expect compares with a previous output.
 See docs/replay.md for the questions file.
 
 Many bags (--out-dir): BAGS are paths, globs, folders of bags or list files (.txt: a bag a line,
@@ -48,7 +50,7 @@ from pathlib import Path
 from .bagio import ANSWER, BagError
 from .compare import compare, read_jsonl
 from .questions import QuestionsError, load_questions, parse_questions, timed_asks  # noqa: F401 (tests use cli.*)
-from .runner import ANSWERS_TOPIC, engine_config, replay_bag  # noqa: F401
+from .runner import ANNOTATED_TOPIC, ANSWERS_TOPIC, engine_config, replay_bag  # noqa: F401
 from ..core.errors import MobileVLMError, ModelLoadError
 from ..engine.config import AUTO_AGE_MIN_S
 from ..tools.ask import add_generation_args, add_model_args, load_from_args, params_from_args
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frame-cache-size", type=int, default=None, metavar="N",
                     help="encoded frames kept per camera (default: as --vision-rate-hz)")
     ap.add_argument("--answers-bag", default=None, metavar="PATH",
-                    help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC} into a new mcap bag")
+                    help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC}, and drawn on their frames "
+                         f"on {ANNOTATED_TOPIC}, into a new mcap bag")
     ap.add_argument("--expect", default=None, metavar="PREVIOUS",
                     help="compare with a previous output (--out: its JSONL; --out-dir: its folder); exit 3 "
                          "listing what changed")

@@ -19,13 +19,15 @@ from .bagio import ANSWER, COMPRESSED, IMAGE, BagError, BagReader, BagWriter
 from .questions import Ask, QuestionsError, QuestionsFile, timed_asks
 from ..core.errors import ImageError
 from ..core.generation import GenerationParams
+from ..engine import annotate
 from ..engine.config import ConfigError, EngineConfig
 from ..engine.engine import Engine, SimClock
 from ..engine.frames import NS
 from ..engine.requests import Request, Result
-from ..ros.conversion import raw_image, stamp_ns
+from ..ros.conversion import JPEG_FORMAT, raw_image, stamp_ns
 
 ANSWERS_TOPIC = "/mobilevlm/answers"
+ANNOTATED_TOPIC = "/mobilevlm/annotated/compressed"   # as the node's ~/annotated/compressed
 PROGRESS_MIN_MESSAGES = 200
 
 
@@ -220,6 +222,10 @@ class Replay:
                 first_token_ms=r.first_token_ms, total_ms=r.total_ms, answered_at_ns=a.at_ns,
                 status=int(r.status))
             self.answers_bag.write(ANSWERS_TOPIC, ANSWER, a.at_ns, msg)
+            bgr = annotate.annotate(r, a.question)      # the node's ~/annotated image of this answer
+            if bgr is not None:
+                self.answers_bag.write(ANNOTATED_TOPIC, COMPRESSED, a.at_ns, self.answers_bag.compressed(
+                    stamp_ns(h.stamp), str(h.frame_id), annotate.encode_jpeg(bgr), JPEG_FORMAT))
 
     # -------------------------------------------------------------- summary
     def summary(self) -> dict:

@@ -5,6 +5,10 @@ subscription, of a rosbag reader (rosbags' classes have the same fields) and of 
 """
 from __future__ import annotations
 
+import array
+
+import numpy as np
+
 from ..engine.images import RawImage, as_bytes
 from ..engine.requests import Request, Result
 
@@ -30,6 +34,37 @@ def request_from_msg(msg, kind: str = "service") -> Request:
                    kind=kind)
 
 
+def copy_header(dst, src) -> None:
+    """Copy a std_msgs/Header field by field (src: an rclpy or rosbags message)."""
+    dst.stamp.sec = int(src.stamp.sec)
+    dst.stamp.nanosec = int(src.stamp.nanosec)
+    dst.frame_id = str(src.frame_id)
+
+
+def fill_image(msg, header, bgr):
+    """A sensor_msgs/Image (bgr8) of uint8 HxWx3 BGR pixels, with `header` (the frame's)."""
+    copy_header(msg.header, header)
+    msg.height, msg.width = int(bgr.shape[0]), int(bgr.shape[1])
+    msg.encoding, msg.is_bigendian, msg.step = "bgr8", 0, int(bgr.shape[1]) * 3
+    data = array.array("B")
+    data.frombytes(np.ascontiguousarray(bgr).data)     # one copy; bytes would be copied twice (rclpy)
+    msg.data = data
+    return msg
+
+
+# image_transport's compressed plugin writes "<encoding>; jpeg compressed <encoding>"; Foxglove and
+# rqt_image_view read it (and this package's own subscriber sniffs the bytes)
+JPEG_FORMAT = "bgr8; jpeg compressed bgr8"
+
+
+def fill_compressed(msg, header, jpeg: bytes):
+    """A sensor_msgs/CompressedImage of JPEG bytes (from BGR pixels), with `header`."""
+    copy_header(msg.header, header)
+    msg.format = JPEG_FORMAT
+    msg.data = jpeg
+    return msg
+
+
 _TIMES = ("vision_ms", "prefill_ms", "decode_ms", "first_token_ms", "total_ms", "frame_age_ms")
 
 
@@ -43,9 +78,7 @@ def fill_result(msg, result: Result):
     msg.answer = result.answer
     msg.camera = result.camera
     if result.header is not None:           # the frame's header as the camera sent it
-        msg.header.stamp.sec = int(result.header.stamp.sec)
-        msg.header.stamp.nanosec = int(result.header.stamp.nanosec)
-        msg.header.frame_id = str(result.header.frame_id)
+        copy_header(msg.header, result.header)
     msg.prompt_tokens = int(result.prompt_tokens)
     msg.completion_tokens = int(result.completion_tokens)
     msg.finish_reason = result.finish_reason

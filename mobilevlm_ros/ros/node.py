@@ -17,6 +17,8 @@ Interfaces (relative to the node, `/mobilevlm/...` by default):
   services    ~/ask                         mobilevlm_ros/srv/Ask
   actions     ~/ask_stream                  mobilevlm_ros/action/Ask (per-token feedback, cancel)
   publishes   ~/answers, ~/captions         mobilevlm_ros/msg/Answer
+              ~/annotated                   sensor_msgs/Image (bgr8): each answer and caption drawn on
+              ~/annotated/compressed        its frame, JPEG; only while subscribed (ros/annotated.py)
               /diagnostics                  diagnostic_msgs/DiagnosticArray
 
 Service and action callbacks are coroutines: they submit and await the engine's ticket, so the
@@ -56,6 +58,7 @@ from ..engine.config import ConfigError
 from ..engine.engine import Engine
 from ..engine.frames import NS
 from ..engine.requests import Result, Status
+from .annotated import AnnotatedImages
 from .conversion import fill_result, raw_image, request_from_msg, stamp_ns
 from .params import PARAM_BY_NAME, PARAMS, ENGINE_PARAMS, engine_config, load_options
 from .qos import ASK_SERVICE_QOS
@@ -97,6 +100,7 @@ class MobileVLMNode(LifecycleNode):
         self._ask_srv = None
         self._ask_action = None
         self._answers_pub = self._captions_pub = None
+        self._annotated: Optional[AnnotatedImages] = None
         self._goals: Dict[int, Any] = {}            # id(goal handle) -> ticket, for cancel
         self.last_error = ""
         self.finished = Future()                    # completed by the shutdown transition: main() exits
@@ -173,6 +177,8 @@ class MobileVLMNode(LifecycleNode):
         self._engine.no_frame_hint = lambda cam: "topics: " + ", ".join(self._topics.get(cam, []))
         self._answers_pub = self.create_lifecycle_publisher(Answer, "~/answers", 10)
         self._captions_pub = self.create_lifecycle_publisher(Answer, "~/captions", 10)
+        if self._engine.config.keep_frame_images:
+            self._annotated = AnnotatedImages(self, lambda: self._cfg["annotated_jpeg_quality"])
         self._lifecycle = "inactive"
         self.get_logger().info(f"loaded {self._model_info.get('model_id')} in {time.perf_counter() - t0:.1f} s "
                                f"({', '.join(f'{k} {v}' for k, v in self._model_info.items() if k != 'model_id')})")
@@ -290,6 +296,9 @@ class MobileVLMNode(LifecycleNode):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
         self._answers_pub = self._captions_pub = None
+        if self._annotated is not None:
+            self._annotated.close()
+            self._annotated = None
         self._engine = None
         if self._model is not None:
             self._model.close()
@@ -443,6 +452,8 @@ class MobileVLMNode(LifecycleNode):
         msg.model_id = self._model_info.get("model_id", "")
         msg.answered_at = self.get_clock().now().to_msg()
         pub.publish(msg)
+        if self._annotated is not None:     # drawn in its own thread, not this (the generation worker)
+            self._annotated.offer(request.question, result)
 
     # -------------------------------------------------------------------------------- diagnostics
     def _publish_diagnostics(self) -> None:
@@ -497,6 +508,14 @@ class MobileVLMNode(LifecycleNode):
                                                  "prefill_ms_avg": f"{st.prefill_ms_avg:.1f}",
                                                  "last_total_ms": f"{st.last_total_ms:.1f}",
                                                  "last_error": st.last_error or self.last_error})))
+        annotated = self._annotated
+        if annotated is not None:
+            a = annotated.snapshot()
+            n_raw, n_jpeg = annotated.subscribers()
+            statuses.append(DiagnosticStatus(
+                level=DiagnosticStatus.WARN if a.errors else DiagnosticStatus.OK, name=f"{name}: annotated",
+                message=f"{a.drawn} drawn; subscribers: {n_raw} raw, {n_jpeg} compressed", hardware_id=model_id,
+                values=kv({"subscribers_raw": n_raw, "subscribers_compressed": n_jpeg, **a.values()})))
         array = DiagnosticArray(status=statuses)
         array.header.stamp = now.to_msg()
         self._diag_pub.publish(array)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
 from ..core.pipeline import LLAMACPP_ENGINES, LlamaCppOptions, LoadOptions, QUANTS
+from ..engine.annotate import DEFAULT_JPEG_QUALITY
 from ..engine.config import EngineConfig, Spec, check_cameras
 
 
@@ -95,6 +96,7 @@ PARAMS = (
     _engine("vision_during_answers"),
     _engine("prefill_frames"),
     _engine("frame_cache_size"),
+    _engine("keep_frame_images"),
     _engine("max_frame_age_s"),
     # requests
     _engine("max_queue"),
@@ -106,6 +108,8 @@ PARAMS = (
     # periodic captions and diagnostics
     _engine("caption_prompt"),
     _engine("caption_period_s"),
+    _node("annotated_jpeg_quality", DEFAULT_JPEG_QUALITY, "JPEG quality of ~/annotated/compressed (1-100)", "runtime",
+          low=1, high=100),
     _node("ros_threads_nice", 10, "nice value of the node's Python threads (executor, callbacks) against "
           "the engine's workers; DDS threads keep theirs (0 = the same priority)", "activate", low=0, high=19),
     _node("diagnostics_period_s", 1.0, "period of /diagnostics", "runtime", above=0.0, high=3600.0),

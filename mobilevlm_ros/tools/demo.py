@@ -2,6 +2,7 @@
 
     mobilevlm-demo [--model models/tiny-v2-artifacts] [--question "What do you see?"] [--stream]
                    [--image-topic /camera/image_raw] [--params-file config/mobilevlm.yaml]
+                   [--annotated-png answer.png]
 
 1. starts the node process (`python -m mobilevlm_ros.ros.node`, the same program as
    `mobilevlm-node`) with the parameters file and model_path;
@@ -11,6 +12,8 @@
 3. asks the question through the node's ~/ask service (or the ~/ask_stream action with --stream)
    and prints the answer, the stamp of the frame it describes and the timings; for a model with
    random weights (the tiny one of scripts/setup.sh), one more line says the answer is random text;
+   with --annotated-png, also subscribes to the node's ~/annotated and writes the answer drawn on
+   its frame to that PNG file (asking again if the node had not seen the subscription yet);
 4. shuts the node down (SIGINT, as Ctrl-C would) and checks that it exited cleanly.
 
 Exit status 0 when the question was answered and the node stopped cleanly, 1 otherwise.
@@ -49,6 +52,30 @@ def image_msg(pixels: np.ndarray, stamp, frame_id: str = "demo_camera"):
     return msg
 
 
+def save_annotated(path, images: list, srv, req, wait_future, deadline) -> int:
+    """Write the first ~/annotated image to `path` (PNG). The node draws only for subscribers it has
+    matched: if none came within a few seconds of the answer, ask again."""
+    import cv2
+    for attempt in range(4):
+        t_end = min(deadline, time.monotonic() + 5.0)
+        while not images and time.monotonic() < t_end:
+            time.sleep(0.1)
+        if images:
+            break
+        if attempt < 3 and not wait_future(srv.call_async(req), deadline):
+            break
+    if not images:
+        print("mobilevlm-demo: no image on ~/annotated", file=sys.stderr)
+        return 1
+    msg = images[0]
+    bgr = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
+    if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
+        print(f"mobilevlm-demo: cannot write {path}", file=sys.stderr)
+        return 1
+    print(f"[annotated frame ({msg.width}x{msg.height}, {msg.encoding}) written to {path}]")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint or artifacts folder (default: models/tiny-v2-artifacts)")
@@ -61,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stream", action="store_true", help="ask through the action, printing tokens")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for the node to start and answer")
     ap.add_argument("--quiet", action="store_true", help="do not echo the node's log")
+    ap.add_argument("--annotated-png", default=None, metavar="PATH",
+                    help="write the node's ~/annotated image of the answer (the frame with the answer drawn "
+                         "on it) to this PNG file")
     a = ap.parse_args(argv)
 
     # default: the tiny model's export (ONNX Runtime vision + llama.cpp, the product path)
@@ -114,6 +144,10 @@ def main(argv=None) -> int:
             published[0] += 1
 
         client_node.create_timer(0.1, publish_frame)
+
+    annotated: list = []
+    if a.annotated_png:
+        client_node.create_subscription(Image, f"{node_name}/annotated", annotated.append, 10)
 
     def wait_future(future, deadline) -> bool:
         done = threading.Event()
@@ -181,6 +215,8 @@ def main(argv=None) -> int:
         if res["success"] and has_random_decoder(model):
             print(RANDOM_NOTE.format(model=model))
         code = 0 if res["success"] else 1
+        if a.annotated_png and res["success"]:
+            code = save_annotated(a.annotated_png, annotated, srv, req, wait_future, deadline)
     except RuntimeError as e:
         print(f"mobilevlm-demo: {e}", file=sys.stderr)
         if not node_proc.alive() and a.quiet:

@@ -116,6 +116,8 @@ class NodeUnderTest:
         return self.proc.returncode, time.monotonic() - t0
 
 
+ANNOTATED_MODES = ("none", "raw", "jpeg", "both")
+
 _STREAM = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*):(?P<w>\d+)x(?P<h>\d+)@(?P<hz>[0-9.]+)(?::(?P<kind>raw|jpeg))?$")
 
 
@@ -194,7 +196,8 @@ class Flood:
     def __init__(self, node_name: str, streams: List[CameraStream], clients: int = 20,
                  question: str = "What is in the picture?", max_new_tokens: int = 16,
                  node_pid: Optional[int] = None, response_timeout_s: float = 120.0,
-                 ask_interval_s: float = 0.0, ask_random: bool = False, seed: int = 0):
+                 ask_interval_s: float = 0.0, ask_random: bool = False, seed: int = 0,
+                 annotated: str = "none"):
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import MultiThreadedExecutor
@@ -206,6 +209,11 @@ class Flood:
         # ask_random: each pause after an answer is uniform in [0, 2 x ask_interval_s] (the same mean),
         # so questions also come right after an answer and while a new frame is still being prefilled
         self.ask_random, self._seed = ask_random, seed
+        # annotated: which of the node's ~/annotated topics to watch (none, raw, jpeg, both), as a viewer
+        if annotated not in ANNOTATED_MODES:
+            raise ValueError(f"annotated must be one of {', '.join(ANNOTATED_MODES)}, got '{annotated}'")
+        self.annotated = annotated
+        self.annotated_received = 0
         self.context = Context()
         rclpy.init(context=self.context)
         self._rclpy = rclpy
@@ -236,6 +244,11 @@ class Flood:
         from mobilevlm_ros.srv import Ask
 
         self.monitor.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        from ..ros.annotated import QOS as ANNOTATED_QOS
+        for mode, msg_type, topic in (("raw", Image, "annotated"), ("jpeg", CompressedImage, "annotated/compressed")):
+            if self.annotated in (mode, "both"):
+                self.monitor.create_subscription(msg_type, f"/{self.node_name}/{topic}", self._on_annotated,
+                                                 ANNOTATED_QOS)
         self.pubs = {}
         self.messages = {}
         for s in self.streams:
@@ -267,6 +280,17 @@ class Flood:
                 self.diag[st.name[len(prefix):]] = {"level": st.level, "message": st.message,
                                                    **{kv.key: kv.value for kv in st.values}}
 
+    def _on_annotated(self, _msg):
+        with self._lock:
+            self.annotated_received += 1
+
+    def annotated_matched(self) -> bool:
+        """Whether the node's diagnostics show the subscriptions this flood watches with."""
+        d = self.diag.get("annotated", {})
+        want_raw, want_jpeg = self.annotated in ("raw", "both"), self.annotated in ("jpeg", "both")
+        return (not want_raw or int(d.get("subscribers_raw", 0)) > 0) and \
+            (not want_jpeg or int(d.get("subscribers_compressed", 0)) > 0)
+
     def camera_counters(self, name: str) -> dict:
         return self.diag.get(f"camera {name}", {})
 
@@ -277,6 +301,8 @@ class Flood:
             if not c.wait_for_service(timeout_sec=max(0.1, deadline - time.monotonic())):
                 raise TimeoutError(f"/{self.node_name}/ask did not appear within {timeout:.0f} s")
         while not self.diag and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while not self.annotated_matched() and time.monotonic() < deadline:
             time.sleep(0.05)
         for s in self.streams:
             while self.pubs[s.name].get_subscription_count() == 0 and time.monotonic() < deadline:
@@ -432,6 +458,12 @@ class Flood:
             for k in ("frames_received", "frames_encoded", "frames_dropped", "frames_rejected"):
                 row[f"{s.name}_{k[7:]}"] = int(c.get(k, 0))
             row[f"{s.name}_callback_cpu_ms_avg"] = float(c.get("callback_cpu_ms_avg", "nan"))
+        d = self.diag.get("annotated", {})
+        row["annotated_received"] = self.annotated_received
+        for k in ("drawn", "no_subscriber", "dropped"):
+            row[f"annotated_{k}"] = int(d.get(f"annotated_{k}", 0))
+        for k in ("draw_ms_avg", "raw_ms_avg", "jpeg_ms_avg", "cpu_ms_avg"):
+            row[f"annotated_{k}"] = float(d.get(f"annotated_{k}", "nan"))
         return row
 
     def _memory(self, warmup_s: float):

@@ -3,9 +3,9 @@
     mobilevlm-bench node --model ARTIFACTS [--stream front:640x480@30 --stream front:1920x1080@30]
                          [--dds default,shm] [--warmup 10] [--window 15] [--windows 3] [--tokens 32]
                          [--ask-interval 3] [--fixed-interval] [--no-isolated]
-                         [--param NAME:=VALUE ...] [--out DIR]
+                         [--annotated none,both] [--param NAME:=VALUE ...] [--out DIR]
 
-Each --stream (NAME:WxH@HZ[:raw|jpeg]) and DDS configuration (--dds: Fast DDS's defaults, and
+Each --stream (NAME:WxH@HZ[:raw|jpeg]), DDS configuration and --annotated viewer (--dds: Fast DDS's defaults, and
 config/fastdds_large_frames.xml in the publisher and the node) gets a node process of its own
 (config/mobilevlm.yaml plus --param overrides), started as a user starts it. A benchmark process
 publishes the stream over DDS (localhost, sensor-data QoS) and one client asks after each answer,
@@ -23,6 +23,11 @@ gives one figure of each kind; the table shows the median (min–max) over the w
                                  (node clock at the question minus the frame's stamp)
   encoded on demand              answers whose frame was encoded for the question because no encoded
                                  frame was fresh enough (max_frame_age_s)
+--annotated (none | raw | jpeg | both, comma-separated: one node per value, side by side): the
+benchmark process also subscribes to the node's ~/annotated (raw), ~/annotated/compressed (jpeg)
+or both, as a viewer would; a third table shows the images received and the node's own cost per
+image (decode + draw, the Image message and its publishing, JPEG encoding and publishing: wall ms
+of a thread at ros_threads_nice; and the CPU time of that thread), beside the answer times.
 Over the whole run after the warm-up: p50 / p95 of answer time and frame age, and the answers
 encoded on demand. Unless --no-isolated, the same run first measures the isolated question
 (`mobilevlm-bench question`'s `ours` on the same artifacts, the node's default quant and vision
@@ -50,7 +55,8 @@ DDS_PROFILES = {"default": "", "shm": str(share_file("config", "fastdds_large_fr
 
 @contextlib.contextmanager
 def node_with_traffic(model, stream, tokens: int, params: dict, log_path=None, ready_timeout: float = 300.0,
-                      ask_interval_s: float = 0.0, clients: int = 1, ask_random: bool = False):
+                      ask_interval_s: float = 0.0, clients: int = 1, ask_random: bool = False,
+                      annotated: str = "none"):
     """A node process on `model` and a Flood (this stream, `clients` clients) against it, ready and
     with a frame encoded: yields (node, flood, the node's status once it served, before any frame)."""
     from ..traffic import Flood, NodeUnderTest
@@ -59,7 +65,8 @@ def node_with_traffic(model, stream, tokens: int, params: dict, log_path=None, r
     flood = None
     try:
         flood = Flood(name, [stream], clients=clients, max_new_tokens=tokens, node_pid=node.proc.pid,
-                      response_timeout_s=600.0, ask_interval_s=ask_interval_s, ask_random=ask_random)
+                      response_timeout_s=600.0, ask_interval_s=ask_interval_s, ask_random=ask_random,
+                      annotated=annotated)
         try:
             flood.wait_ready(ready_timeout)
             idle = node.status()
@@ -151,14 +158,19 @@ def _work(job: dict) -> dict:
     total = warmup + n * window
     with node_with_traffic(job["model"], stream, job["tokens"], job["params"], log_path=job["log"],
                            ask_interval_s=job["ask_interval"], clients=job["clients"],
-                           ask_random=job.get("ask_random", False)) as (node, flood, idle):
+                           ask_random=job.get("ask_random", False),
+                           annotated=job.get("annotated", "none")) as (node, flood, idle):
         summary = flood.run(total, warmup_s=warmup)
         alive = node.proc.poll() is None
         samples, outcomes = list(flood.samples), list(flood.outcomes)
     windows = [window_figures(samples, outcomes, stream.name, warmup + i * window, warmup + (i + 1) * window)
                for i in range(n)]
     cam = summary.cameras[stream.name]
-    return {"stream": str(stream), "dds": job["dds"], "params": job["params"], "node_alive": alive,
+    last = samples[-1] if samples else {}
+    annotated = {k: last.get(f"annotated_{k}") for k in ("received", "drawn", "no_subscriber", "dropped",
+                                                          "draw_ms_avg", "raw_ms_avg", "jpeg_ms_avg", "cpu_ms_avg")}
+    return {"stream": str(stream), "dds": job["dds"], "annotated_viewer": job.get("annotated", "none"),
+            "annotated": annotated, "params": job["params"], "node_alive": alive,
             "idle_rss_mb": idle.get("VmRSS"), "windows": windows, **run_figures(outcomes, warmup),
             **{k: stats([w[k] for w in windows]) for k in FIGURES},
             "callback_cpu_ms_max_run": cam["callback_cpu_ms_max"],
@@ -192,6 +204,11 @@ def run(a) -> dict:
     from ..traffic import CameraStream
     streams = [str(CameraStream.parse(s)) for s in (a.stream or DEFAULT_STREAMS)]
     dds = [d.strip() for d in a.dds.split(",") if d.strip()]
+    from ..traffic import ANNOTATED_MODES
+    viewers = [v.strip() for v in a.annotated.split(",") if v.strip()]
+    for v in viewers:
+        if v not in ANNOTATED_MODES:
+            raise ValueError(f"unknown --annotated viewer '{v}' (choose from {', '.join(ANNOTATED_MODES)})")
     for d in dds:
         if d not in DDS_PROFILES:
             raise ValueError(f"unknown DDS configuration '{d}' (choose from {', '.join(DDS_PROFILES)})")
@@ -204,15 +221,18 @@ def run(a) -> dict:
     rows = []
     for stream in streams:
         for d in dds:
-            print(f"[bench node] {stream}, DDS {d}: {a.warmup:.0f} s warm-up + {a.windows} x {a.window:.0f} s",
-                  file=sys.stderr, flush=True)
-            log = out / f"node-{stream.replace(':', '_')}-{d}.log" if out else None
-            job = {"model": str(a.model), "stream": stream, "dds": d, "dds_profile": DDS_PROFILES[d],
-                   "warmup": a.warmup, "window": a.window, "windows": a.windows, "tokens": a.tokens,
-                   "ask_interval": a.ask_interval, "clients": a.clients, "ask_random": not a.fixed_interval,
-                   "params": params, "log": str(log) if log else None}
-            rows.append(run_worker("mobilevlm_ros.tools.bench.node", job, timeout=a.warmup + a.windows * a.window + 900))
+            for viewer in viewers:
+                print(f"[bench node] {stream}, DDS {d}, annotated viewer {viewer}: {a.warmup:.0f} s warm-up + "
+                      f"{a.windows} x {a.window:.0f} s", file=sys.stderr, flush=True)
+                log = out / f"node-{stream.replace(':', '_')}-{d}-{viewer}.log" if out else None
+                job = {"model": str(a.model), "stream": stream, "dds": d, "dds_profile": DDS_PROFILES[d],
+                       "warmup": a.warmup, "window": a.window, "windows": a.windows, "tokens": a.tokens,
+                       "ask_interval": a.ask_interval, "clients": a.clients, "ask_random": not a.fixed_interval,
+                       "annotated": viewer, "params": params, "log": str(log) if log else None}
+                rows.append(run_worker("mobilevlm_ros.tools.bench.node", job,
+                                       timeout=a.warmup + a.windows * a.window + 900))
     return {"benchmark": "node", "model": str(a.model), "tokens": a.tokens, "ask_interval_s": a.ask_interval,
+            "annotated_viewers": viewers,
             "ask_random": not a.fixed_interval, "clients": a.clients, "isolated": isolated,
             "params": params, "warmup_s": a.warmup,
             "window_s": a.window, "windows": a.windows, "machine": finish_machine(info), "streams": rows}
@@ -224,7 +244,7 @@ def table(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["streams"]:
         lines.append(
-            f"| {r['stream']} | {r['dds']} | {fmt(r['sent_hz'])} | {fmt(r['received_hz'])} ({fmt(r['received_pct'], 0)}) | "
+            f"| {_label(r)} | {r['dds']} | {fmt(r['sent_hz'])} | {fmt(r['received_hz'])} ({fmt(r['received_pct'], 0)}) | "
             f"{fmt(r['encoded_hz'], 2)} | {fmt(r['dropped'], 0)} | {fmt(r['callback_cpu_ms'], 3)} "
             f"({r['callback_cpu_ms_max_run']:.2f}) | {fmt(r['node_cpu_cores'], 2)} | {fmt(r['answers'], 0)} | "
             f"{fmt(r['answer_ms'], 0)} | {fmt(r['frame_age_ms'], 0)} ({r['frame_age_ms_max_run']:.0f}) | "
@@ -237,11 +257,23 @@ def table(result: dict) -> str:
     for r in result["streams"]:
         p50, p95 = r.get("answer_ms_p50"), r.get("answer_ms_p95")
         ratio = f"{p50 / iso_ms:.2f}x / {p95 / iso_ms:.2f}x" if iso_ms and p50 and p95 else "–"
-        lines.append(f"| {r['stream']} | {r['dds']} | {r.get('answers_run', 0)} | {_num(p50)} / {_num(p95)} | "
+        lines.append(f"| {_label(r)} | {r['dds']} | {r.get('answers_run', 0)} | {_num(p50)} / {_num(p95)} | "
                      f"{ratio} | {_num(r.get('first_token_ms_p50'))} | {_num(r.get('wait_ms_p50'))} / "
                      f"{_num(r.get('wait_ms_p95'))} | {_num(r.get('decode_tok_s_p50'), 1)} | "
                      f"{_num(r.get('transport_ms_p50'))} | {_num(r.get('frame_age_ms_p50'))} / "
                      f"{_num(r.get('frame_age_ms_p95'))} | {r.get('on_demand_run', 0)} |")
+    if any(r.get("annotated_viewer", "none") != "none" for r in result["streams"]):
+        lines += ["", "| stream | DDS | annotated viewer | answers | images received | drawn | dropped | "
+                  "decode + draw ms | Image msg + publish ms | JPEG + publish ms | drawing thread CPU ms / image | "
+                  "answer ms p50 / p95 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["streams"]:
+            an = r.get("annotated", {})
+            lines.append(f"| {r['stream']} | {r['dds']} | {r.get('annotated_viewer', 'none')} | "
+                         f"{r.get('answers_run', 0)} | {an.get('received', 0)} | {an.get('drawn', 0)} | "
+                         f"{an.get('dropped', 0)} | {_num(an.get('draw_ms_avg'), 1)} | {_num(an.get('raw_ms_avg'), 1)} | "
+                         f"{_num(an.get('jpeg_ms_avg'), 1)} | "
+                         f"{_num(an.get('cpu_ms_avg'), 1)} | {_num(r.get('answer_ms_p50'))} / "
+                         f"{_num(r.get('answer_ms_p95'))} |")
     params = " ".join(f"{k}:={v}" for k, v in result.get("params", {}).items()) or "none"
     pause = (f"after a pause uniform in 0..{2 * result['ask_interval_s']:g} s" if result.get("ask_random")
              else f"{result['ask_interval_s']:g} s")
@@ -260,9 +292,14 @@ def table(result: dict) -> str:
     for r in result["streams"]:
         if r["errors"] or r["lost"] or not r["node_alive"]:
             kinds = "; ".join(f"{n} x {k}" for k, n in sorted(r["error_kinds"].items(), key=lambda kv: -kv[1])[:3])
-            notes.append(f"{r['stream']}, DDS {r['dds']}: {r['errors']} errors ({kinds}), {r['lost']} unanswered, "
+            notes.append(f"{_label(r)}, DDS {r['dds']}: {r['errors']} errors ({kinds}), {r['lost']} unanswered, "
                          f"node {'alive' if r['node_alive'] else 'DIED'}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def _label(r: dict) -> str:
+    viewer = r.get("annotated_viewer", "none")
+    return r["stream"] + ("" if viewer == "none" else f" + annotated viewer {viewer}")
 
 
 def _num(v, digits: int = 0) -> str:
@@ -271,7 +308,7 @@ def _num(v, digits: int = 0) -> str:
 
 def plot(result: dict, ax) -> None:
     rows = result["streams"]
-    labels = [f"{r['stream']}, DDS {r['dds']}\ncallback {fmt(r['callback_cpu_ms'], 2)} ms, "
+    labels = [f"{_label(r)}, DDS {r['dds']}\ncallback {fmt(r['callback_cpu_ms'], 2)} ms, "
               f"{fmt(r['received_pct'], 0)} % received" for r in rows]
     barh(ax, labels, [r["frame_age_ms"]["median"] for r in rows], [minmax(r["frame_age_ms"]) for r in rows],
          xlabel="age of the frame an answer describes, ms (median, min–max over windows)",
@@ -295,6 +332,9 @@ def add_arguments(ap) -> None:
                     help="skip the isolated question measured first for the ratios")
     ap.add_argument("--dds", default="default,shm", help="DDS configurations, comma-separated: "
                     + ", ".join(f"{k} ({v or 'Fast DDS defaults'})" for k, v in DDS_PROFILES.items()))
+    ap.add_argument("--annotated", default="none",
+                    help="viewers of the node's annotated images, comma-separated, one node each: none, raw "
+                         "(~/annotated), jpeg (~/annotated/compressed), both; e.g. none,both to compare")
     ap.add_argument("--param", action="append", default=[], help="node parameter override NAME:=VALUE")
     ap.add_argument("--out", default=None)
 
