@@ -2,11 +2,10 @@
 drawn on the frame it describes (engine/annotate.py), with that frame's header, so that
 rqt_image_view, RViz and Foxglove line it up with the camera topic.
 
-The generation worker only hands an answer over (`offer`: two subscriber counts and a queue slot);
-a thread of its own decodes the frame, draws, encodes and publishes, so the decoder never pays for
-a drawing or a JPEG. Nothing is drawn while neither topic has a subscriber, checked when the answer
-is handed over and again just before drawing; the raw image and the JPEG are each made only for a
-topic that has a subscriber. While the thread is behind, the newest answers wait (QUEUE) and older
+The generation worker only hands an answer over (`offer`: a queue slot, no rclpy call); a thread of
+its own checks the subscribers, decodes the frame, draws, encodes and publishes, so the decoder never
+pays for a drawing or a JPEG. Nothing is drawn while neither topic has a subscriber, checked just
+before drawing; the raw image and the JPEG are each made only for a topic that has a subscriber. While the thread is behind, the newest answers wait (QUEUE) and older
 ones are dropped, counted.
 """
 from __future__ import annotations
@@ -78,18 +77,16 @@ class AnnotatedImages:
         return self.raw.get_subscription_count(), self.jpeg.get_subscription_count()
 
     def offer(self, question: str, result) -> None:
-        """An answer from the generation worker: queued to be drawn if anybody watches. O(1)."""
+        """An answer from the generation worker, queued for the drawing thread, which looks at the
+        subscribers. O(1), and no call into rclpy, whose handle locks the drawing thread may hold
+        while it publishes."""
         with self._lock:
             self.stats.offered += 1
         if getattr(result, "image", None) is None:
             with self._lock:
                 self.stats.no_image += 1
             return
-        if not any(self.subscribers()):
-            with self._lock:
-                self.stats.no_subscriber += 1
-            return
-        with self._lock:
+        with self._lock:    # no rclpy call here: the drawing thread may hold the publishers' handles
             if len(self._queue) >= QUEUE:
                 self._queue.popleft()
                 self.stats.dropped += 1
