@@ -210,8 +210,8 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     reduce_range (7-bit weights): without VNNI (an AVX2-only CPU) ONNX Runtime's u8s8 kernel adds
     products pairwise in int16 (vpmaddubsw), which saturates with 8-bit weights: cosine to fp32 fell
     to 0.998 on an AVX2 EPYC where VNNI CPUs give 0.9996. A graph is exported once and runs on
-    whatever CPU the robot has, so it is made safe for all of them; integer sums are then exact
-    everywhere, and every CPU computes the same embeddings."""
+    whatever CPU the robot has, so it is made safe for all of them: the integer sums are then exact
+    on every CPU."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     src, dst = Path(src), Path(dst)
     external = external_data_file(src) is not None
