@@ -105,13 +105,13 @@ else
   stamp_set requirements-nodeps "$NODEPS_HASH"
 fi
 
-# ik_llama.cpp (the llamacpp decoder's faster CPU engine, docs/engine-choice.md): built from its
-# sources for this CPU into .venv/lib/mobilevlm-ik-llama, cached per machine (~/.cache/mobilevlm_ros),
-# so only a machine's first set-up compiles it. x86-64 only (its CPU kernels are x86's and ARM's;
-# the engine is measured on x86); MOBILEVLM_IK_LLAMA=0 leaves it out (auto then picks llama.cpp).
-if [ "${MOBILEVLM_IK_LLAMA:-1}" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
-  log "2/6 ik_llama.cpp for this CPU (scripts/build-ik-llama.sh)"
-  bash "$ROOT/scripts/build-ik-llama.sh" "$VENV" || die "building ik_llama.cpp failed (MOBILEVLM_IK_LLAMA=0 skips it)"
+# ik_llama.cpp, the llamacpp decoder's opt-in engine (docs/engine-choice.md): MOBILEVLM_IK_LLAMA=1
+# builds it from its sources for this CPU into .venv/lib/mobilevlm-ik-llama (about 9 CPU-minutes,
+# cached per machine in ~/.cache/mobilevlm_ros); auto then runs it on a CPU that can. Without it the
+# engine is llama.cpp. x86-64 only (measured there).
+if [ "${MOBILEVLM_IK_LLAMA:-0}" = 1 ] && [ "$(uname -m)" = x86_64 ]; then
+  log "2/6 ik_llama.cpp for this CPU (MOBILEVLM_IK_LLAMA=1: scripts/build-ik-llama.sh)"
+  bash "$ROOT/scripts/build-ik-llama.sh" "$VENV" || die "building ik_llama.cpp failed (leave MOBILEVLM_IK_LLAMA unset to skip it)"
 fi
 
 # ------------------------------------------------------------------ 3. CMake targets of the wheels

@@ -17,7 +17,7 @@ from mobilevlm_ros.core.errors import ModelLoadError
 
 BUILD = lib.build_info()
 needs_build = pytest.mark.skipif(BUILD is None, reason=f"ik_llama.cpp is not built in {lib.lib_dir()} "
-                                                       "(scripts/setup.sh builds it on x86-64 Linux)")
+                                                       "(opt-in: MOBILEVLM_IK_LLAMA=1 scripts/setup.sh)")
 
 
 def _header_fields(header: str, struct: str) -> list:

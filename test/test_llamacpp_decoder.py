@@ -635,7 +635,7 @@ def test_engine_choice(monkeypatch):
     assert engine == "llama.cpp" and "avx2, f16c, fma" in why
     monkeypatch.setattr(mod, "engine_available", lambda e: e == "llama.cpp")
     assert mod.choose_engine("auto", 0) == ("llama.cpp", "auto: ik_llama.cpp is not built in this venv "
-                                                         "(scripts/build-ik-llama.sh)")
+                                                         "(opt-in: scripts/build-ik-llama.sh)")
     with pytest.raises(ModelLoadError, match="unknown llama.cpp engine 'vllm'"):
         mod.choose_engine("vllm", 0)
     # the benches' --engines: named ones, or every installed one

@@ -192,7 +192,8 @@ def load() -> Library:
             info = build_info(where)
             if info is None:
                 raise ModelLoadError(f"the ik_llama.cpp engine is not built: no library in {where} "
-                                     "(scripts/setup.sh builds it; scripts/build-ik-llama.sh <venv> alone)")
+                                     "(opt-in: MOBILEVLM_IK_LLAMA=1 scripts/setup.sh, or "
+                                     "scripts/build-ik-llama.sh <venv>)")
             missing = missing_cpu_flags(info, cpu_flags())
             if missing:
                 raise ModelLoadError(f"the ik_llama.cpp library in {where} was built for a CPU with "

@@ -198,9 +198,10 @@ def engines_option(spec: str = "") -> list:
 
 def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
     """(the engine to load, why) for the option `engine`: auto = ik_llama.cpp for a CPU-only
-    decoder where it is built and this CPU has every instruction-set flag of the CPU it was built
-    for (its small-batch kernels give a question's first token sooner on x86, docs/engine-choice.md),
-    else llama.cpp (GPU offload: the llama-cpp-python build users make for their GPU)."""
+    decoder where it was built (opt-in: MOBILEVLM_IK_LLAMA=1 scripts/setup.sh) and this CPU has
+    every instruction-set flag of the CPU it was built for (its small-batch kernels give a
+    question's first token sooner on x86, docs/engine-choice.md), else llama.cpp (GPU offload: the
+    llama-cpp-python build users make for their GPU)."""
     if engine != "auto":
         if engine not in ENGINES:
             raise ModelLoadError(f"unknown llama.cpp engine '{engine}' (choose from auto, {', '.join(ENGINES)})")
@@ -208,7 +209,7 @@ def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
     if gpu_layers:
         return "llama.cpp", "auto: layers offloaded to a GPU"
     if not engine_available("ik_llama.cpp"):
-        return "llama.cpp", "auto: ik_llama.cpp is not built in this venv (scripts/build-ik-llama.sh)"
+        return "llama.cpp", "auto: ik_llama.cpp is not built in this venv (opt-in: scripts/build-ik-llama.sh)"
     missing = ik_llama_lib.missing_cpu_flags(_ik_build_info(), _cpu_flags())
     if missing:         # built with -march=native elsewhere: here it would die of an illegal instruction
         return "llama.cpp", f"auto: the ik_llama.cpp build needs {', '.join(missing)}, which this CPU lacks"
