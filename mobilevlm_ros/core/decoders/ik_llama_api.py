@@ -7,8 +7,8 @@ llama.cpp's: the KV cache is addressed through the context (`llama_kv_cache_*`),
 functions take flags, there is no sampler chain, and the parameter structs differ.
 
 `load()` returns an object with the names LlamaCppDecoder uses on llama-cpp-python's `llama_cpp`,
-implemented on the library and the struct layouts of the ik-llama-cpp-python package (pinned in
-requirements.txt; its ctypes structs match the llama.h it vendors). Where the two APIs differ:
+implemented on the project's own binding (ik_llama_lib) of the library that scripts/setup.sh builds
+for this CPU. Where the two APIs differ:
   model / context parameters  wrapped: the decoder sets mainline field names (`use_extra_bufts` ->
                               `repack_tensors`, `load_mode` -> `use_mmap`, `flash_attn_type` ->
                               `flash_attn`; `no_perf` has no counterpart)
@@ -20,13 +20,12 @@ requirements.txt; its ctypes structs match the llama.h it vendors). Where the tw
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 from typing import Optional
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from . import ik_llama_lib
 
 LLAMA_LOAD_MODE_NONE = 0                    # mainline's value: read the file, no mapping
 LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
@@ -38,17 +37,12 @@ _api: Optional["IkLlamaApi"] = None
 
 
 def load() -> "IkLlamaApi":
-    """The process's one IkLlamaApi (the library is loaded once); ModelLoadError if the
-    ik-llama-cpp-python package does not import."""
+    """The process's one IkLlamaApi (the library is loaded once); ModelLoadError if there is no
+    build of ik_llama.cpp or this CPU cannot run it (ik_llama_lib.load)."""
     global _api
     with _lock:
         if _api is None:
-            try:
-                from ik_llama_cpp import _ctypes_api as raw
-            except Exception as e:
-                raise ModelLoadError("the ik_llama.cpp engine needs the ik-llama-cpp-python package, which "
-                                     f"does not import: {type(e).__name__}: {e}") from None
-            _api = IkLlamaApi(raw)
+            _api = IkLlamaApi(ik_llama_lib.load())
         return _api
 
 
@@ -121,37 +115,16 @@ class IkLlamaApi:
     LLAMA_FLASH_ATTN_TYPE_ENABLED = LLAMA_FLASH_ATTN_TYPE_ENABLED
     LLAMA_DEFAULT_SEED = LLAMA_DEFAULT_SEED
 
-    def __init__(self, raw):
+    def __init__(self, raw: ik_llama_lib.Library):
         self.raw = raw
-        lib = self.lib = raw._lib
-        c = ctypes
-        self.ggml_abort_callback = raw.ggml_abort_callback
-        self.llama_log_callback = c.CFUNCTYPE(None, c.c_int, c.c_char_p, c.c_void_p)
-        self._bind("llama_log_set", [self.llama_log_callback, c.c_void_p], None)
-        self._bind("llama_print_system_info", [], c.c_char_p)
-        self._bind("llama_n_ctx_train", [c.c_void_p], c.c_int32)
-        self._bind("llama_n_ctx", [c.c_void_p], c.c_uint32)
-        self._bind("llama_n_batch", [c.c_void_p], c.c_uint32)
-        self._bind("llama_n_threads", [c.c_void_p], c.c_uint32)
-        self._bind("llama_n_threads_batch", [c.c_void_p], c.c_uint32)
-        self._bind("llama_kv_cache_seq_rm", [c.c_void_p, c.c_int32, c.c_int32, c.c_int32], c.c_bool)
-        self._bind("llama_kv_cache_seq_pos_max", [c.c_void_p, c.c_int32], c.c_int32)
-        self._bind("llama_set_abort_callback", [c.c_void_p, raw.ggml_abort_callback, c.c_void_p], None)
-        u8p = c.POINTER(c.c_uint8)
-        self._bind("llama_state_seq_get_size", [c.c_void_p, c.c_int32, c.c_uint32], c.c_size_t)
-        self._bind("llama_state_seq_get_data", [c.c_void_p, u8p, c.c_size_t, c.c_int32, c.c_uint32], c.c_size_t)
-        self._bind("llama_state_seq_set_data", [c.c_void_p, u8p, c.c_size_t, c.c_int32, c.c_uint32], c.c_size_t)
-        for name in ("llama_backend_init", "llama_model_get_vocab", "llama_vocab_n_tokens", "llama_model_n_embd",
+        self.ggml_abort_callback = ik_llama_lib.ggml_abort_callback
+        self.llama_log_callback = ik_llama_lib.ggml_log_callback
+        for name in ("llama_log_set", "llama_print_system_info", "llama_n_ctx", "llama_n_batch",
+                     "llama_n_threads", "llama_n_threads_batch", "llama_set_abort_callback",
+                     "llama_backend_init", "llama_model_get_vocab", "llama_vocab_n_tokens", "llama_model_n_embd",
                      "llama_batch_init", "llama_batch_free", "llama_decode", "llama_get_logits_ith"):
             setattr(self, name, getattr(raw, name))
         self.n_vocab = {}                       # context -> vocabulary size, for the samplers
-
-    def _bind(self, name, argtypes, restype):
-        f = getattr(self.lib, name)
-        f.argtypes, f.restype = argtypes, restype
-        setattr(self, "_" + name, f)
-        if not hasattr(type(self), name):
-            setattr(self, name, f)
 
     # -- parameters, model, context ----------------------------------------------------------------
     def llama_model_default_params(self):
@@ -164,7 +137,7 @@ class IkLlamaApi:
         return self.raw.llama_model_load_from_file(path, params.raw)
 
     def llama_model_n_ctx_train(self, model):
-        return self._llama_n_ctx_train(model)
+        return self.raw.llama_n_ctx_train(model)
 
     def llama_init_from_model(self, model, params):
         ctx = self.raw.llama_init_from_model(model, params.raw)
@@ -187,19 +160,19 @@ class IkLlamaApi:
         self.raw.llama_kv_cache_clear(ctx)
 
     def llama_memory_seq_rm(self, ctx, seq, p0, p1) -> bool:
-        return bool(self._llama_kv_cache_seq_rm(ctx, seq, p0, p1))
+        return bool(self.raw.llama_kv_cache_seq_rm(ctx, seq, p0, p1))
 
     def llama_memory_seq_pos_max(self, ctx, seq) -> int:
-        return int(self._llama_kv_cache_seq_pos_max(ctx, seq))
+        return int(self.raw.llama_kv_cache_seq_pos_max(ctx, seq))
 
     def llama_state_seq_get_size(self, ctx, seq):
-        return self._llama_state_seq_get_size(ctx, seq, 0)
+        return self.raw.llama_state_seq_get_size(ctx, seq, 0)
 
     def llama_state_seq_get_data(self, ctx, dst, size, seq):
-        return self._llama_state_seq_get_data(ctx, dst, size, seq, 0)
+        return self.raw.llama_state_seq_get_data(ctx, dst, size, seq, 0)
 
     def llama_state_seq_set_data(self, ctx, src, size, seq):
-        return self._llama_state_seq_set_data(ctx, src, size, seq, 0)
+        return self.raw.llama_state_seq_set_data(ctx, src, size, seq, 0)
 
     # -- samplers ----------------------------------------------------------------------------------
     def llama_sampler_chain_default_params(self):

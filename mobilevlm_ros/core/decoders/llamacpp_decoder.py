@@ -59,6 +59,7 @@ from ..prompt import PromptIds, frame_tail
 from ..tokenizer import Tokenizer
 from ..vision import ImageEmbedding
 from .base import Decoder, FrameCache, Turn
+from . import ik_llama_lib
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("mobilevlm_ros.llama_cpp")
@@ -177,9 +178,12 @@ ENGINES = LLAMACPP_ENGINES
 
 
 def engine_available(engine: str) -> bool:
-    """Whether `engine`'s Python package is installed (it may still fail to load its library)."""
+    """Whether `engine` is installed: llama-cpp-python's package, or ik_llama.cpp's build for this
+    venv (scripts/build-ik-llama.sh); it may still fail to load."""
+    if engine == "ik_llama.cpp":
+        return ik_llama_lib.build_info() is not None
     import importlib.util
-    return importlib.util.find_spec("llama_cpp" if engine == "llama.cpp" else "ik_llama_cpp") is not None
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def engines_option(spec: str = "") -> list:
@@ -194,9 +198,10 @@ def engines_option(spec: str = "") -> list:
 
 def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
     """(the engine to load, why) for the option `engine`: auto = ik_llama.cpp for a CPU-only
-    decoder where its package is installed (its small-batch kernels give a question's first token
-    sooner on x86, README), else llama.cpp (GPU offload: the llama-cpp-python build users make for
-    their GPU)."""
+    decoder where it was built (opt-in: MOBILEVLM_IK_LLAMA=1 scripts/setup.sh) and this CPU has
+    every instruction-set flag of the CPU it was built for (its small-batch kernels give a
+    question's first token sooner on x86, docs/engine-choice.md), else llama.cpp (GPU offload: the
+    llama-cpp-python build users make for their GPU)."""
     if engine != "auto":
         if engine not in ENGINES:
             raise ModelLoadError(f"unknown llama.cpp engine '{engine}' (choose from auto, {', '.join(ENGINES)})")
@@ -204,25 +209,19 @@ def choose_engine(engine: str, gpu_layers: int) -> tuple[str, str]:
     if gpu_layers:
         return "llama.cpp", "auto: layers offloaded to a GPU"
     if not engine_available("ik_llama.cpp"):
-        return "llama.cpp", "auto: ik-llama-cpp-python is not installed"
-    missing = sorted(IK_WHEEL_CPU_FLAGS - _cpu_flags())
-    if missing:         # its wheel is built for AVX2: elsewhere it would die of an illegal instruction
-        return "llama.cpp", f"auto: the ik_llama.cpp wheel needs {', '.join(missing)}, which this CPU lacks"
-    return "ik_llama.cpp", "auto: CPU only, ik-llama-cpp-python installed"
+        return "llama.cpp", "auto: ik_llama.cpp is not built in this venv (opt-in: scripts/build-ik-llama.sh)"
+    missing = ik_llama_lib.missing_cpu_flags(_ik_build_info(), _cpu_flags())
+    if missing:         # built with -march=native elsewhere: here it would die of an illegal instruction
+        return "llama.cpp", f"auto: the ik_llama.cpp build needs {', '.join(missing)}, which this CPU lacks"
+    return "ik_llama.cpp", "auto: CPU only, ik_llama.cpp built for this CPU"
 
 
-IK_WHEEL_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+def _ik_build_info() -> dict:
+    return ik_llama_lib.build_info() or {}
 
 
 def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return ik_llama_lib.cpu_flags()
 
 
 def _import_engine(engine: str):
@@ -366,6 +365,11 @@ class LlamaCppDecoder(Decoder):
         file = artifact_path(Path(path), manifest, "llm", quant)
         lo = opts.llamacpp
         engine, why = choose_engine(lo.engine, opts.gpu_layers)
+        if lo.engine == "auto" and engine != "llama.cpp":
+            try:                    # a build that does not load: auto's other choice, the reason logged
+                _import_engine(engine)
+            except ModelLoadError as e:
+                engine, why = "llama.cpp", f"auto: {e}"
         log.info("llama.cpp engine: %s (%s)", engine, why)
         dec = cls(file, tokenizer, quant=quant, threads=opts.threads, threads_batch=lo.threads_batch,
                   gpu_layers=opts.gpu_layers, max_cached_frames=opts.max_cached_frames,
