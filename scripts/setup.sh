@@ -107,7 +107,7 @@ else
     log "2/6 removing the ik-llama-cpp-python wheel (replaced by scripts/build-ik-llama.sh)"
     quiet_pip uninstall -y -q ik-llama-cpp-python
     quiet_pip install --progress-bar off -q --no-deps --force-reinstall \
-      "$(grep -E '^llama-cpp-python==' requirements.txt)"
+      "$(grep -hE '^llama-cpp-python==' requirements.txt requirements-runtime.txt)"
   fi
   stamp_set requirements "$REQ_HASH"
 fi
