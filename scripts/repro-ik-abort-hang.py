@@ -22,6 +22,8 @@ rng = np.random.default_rng(0)
 for i in range(int(n)):
     img = ImageEmbedding(rng.standard_normal((144, d.n_embd)).astype(np.float32))
     polls = []
-    assert d.prefill(build_prompt(tok, "", 144), img, lambda k=1 + i % 9: polls.append(1) or len(polls) >= k) is False
+    stop_after = 1 + i % 9
+    stop = lambda: polls.append(1) or len(polls) >= stop_after  # noqa: E731
+    assert d.prefill(build_prompt(tok, "", 144), img, stop) is False
     print(i + 1, end=" ", flush=True)
 print(f"\n{engine}: {n} interrupted prefills, no hang")
