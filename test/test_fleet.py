@@ -275,17 +275,16 @@ def test_node_removed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_cluste
         [node] = [n for n in ray_cluster.worker_nodes if n.node_id == w["node_id"]]
         ray_cluster.remove_node(node)
         removed.append(node)
+        # a replacement joins, as an autoscaler's would: the restarted worker needs a CPU, and the
+        # other worker holds the only one left (without it the run waits for capacity)
+        ray_cluster.add_node(num_cpus=1)
 
-    try:
-        fleet, victim = _disturbed_run(bags, tiny_v2, out, remove_node)
-        assert removed and fleet.attempts == {"long0": 1}
-        s = json.loads((out / "long0.summary.json").read_text())
-        assert s["node_id"] != victim["node_id"]
-        _assert_undisturbed(fleet, bags, baseline, out)
-    finally:
-        if removed:                                            # back to two worker nodes
-            ray_cluster.add_node(num_cpus=1)
-            ray_cluster.wait_for_nodes()
+    fleet, victim = _disturbed_run(bags, tiny_v2, out, remove_node)
+    ray_cluster.wait_for_nodes()
+    assert removed and fleet.attempts == {"long0": 1}
+    s = json.loads((out / "long0.summary.json").read_text())
+    assert s["node_id"] != victim["node_id"]
+    _assert_undisturbed(fleet, bags, baseline, out)
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C, resume
