@@ -50,7 +50,7 @@ PROBE = r"""
 import json, sys
 heavy = %r
 from mobilevlm_ros.core.pipeline import load_model
-import mobilevlm_ros.ros.node, mobilevlm_ros.ros.ask_client, mobilevlm_ros.tools.replay
+import mobilevlm_ros.ros.node, mobilevlm_ros.ros.ask_client, mobilevlm_ros.replay.cli
 import mobilevlm_ros.tools.demo, mobilevlm_ros.tools.ask, mobilevlm_ros.tools.make_bag
 model = load_model(sys.argv[1], threads=1)
 import numpy as np
