@@ -343,3 +343,26 @@ def test_an_aborted_encode_requeues_only_frames_that_decoded():
         assert not worker.is_alive() and store.encodes_aborted == 1
         assert store.cameras["front"].pending is not None and store.cameras["rear"].pending is None
         assert store.stats()["rear"].rejected == 1
+
+
+def test_stats_count_what_the_cache_holds_and_it_stays_bounded():
+    """Diagnostics report the cache's memory (embeddings and kept frames): it grows to the cache size
+    and no further, so that a memory check can tell a filling cache from a leak."""
+    class Embedder(FakeModel):
+        def encode(self, frames, channel_order="rgb", abort=None):
+            return [types.SimpleNamespace(embeds=np.zeros((144, 8), np.float32), vision_ms=1.0) for _ in frames]
+
+    image = np.zeros((48, 64, 3), np.uint8)
+    per_frame = image.nbytes + 144 * 8 * 4
+    for keep, expect in ((True, per_frame), (False, 144 * 8 * 4)):
+        store = FrameStore(["front"], 3, keep_images=keep)
+        for i in range(5):
+            store.offer(frame(t=NOW - (5 - i) * S, pixels=image.copy()))
+            store.encode_pending(Embedder())
+            st = store.stats()["front"]
+            assert (st.cached, st.cached_bytes) == (min(i + 1, 3), min(i + 1, 3) * expect), (keep, i, st)
+    store = FrameStore(["front"], 3, keep_images=True)
+    store.offer(frame(compressed=b"x" * 1000, fmt="jpeg"))
+    store.cameras["front"].cache.append(CachedFrame("front", "h", NOW, NOW, None, 0.0, 1,
+                                                    image=store.cameras["front"].pending))
+    assert store.stats()["front"].cached_bytes == 1000

@@ -174,7 +174,10 @@ def test_flood_of_frames_and_clients(client, node):
     assert node.proc.poll() is None, node.log()
     assert s.requests_sent >= 20 and s.responses == s.requests_sent, f"{s.lost} requests got no response"
     assert s.answered > 0 and s.answered + s.busy == s.responses, s.error_kinds
-    assert s.rss_growth_pct < 10.0, f"RSS {s.rss_mb_after_warmup:.0f} -> {s.rss_mb_end:.0f} MB"
+    # the caches fill during the run (kept frames; 4 at 1080p are 25 MB): a leak is what RSS grows beyond them
+    assert s.cache_mb_end > 0, "the node's diagnostics report no cache memory"
+    assert s.growth_beyond_caches_pct < 10.0, \
+        f"RSS {s.rss_mb_after_warmup:.0f} -> {s.rss_mb_end:.0f} MB, caches {s.cache_mb_after_warmup:.1f} -> {s.cache_mb_end:.1f} MB"
     for cam in s.cameras.values():
         assert cam["received"] > 0 and cam["encoded"] > 0, cam
         # image callbacks keep up: their CPU time is a small part of the frame period

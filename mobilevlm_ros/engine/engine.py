@@ -90,6 +90,7 @@ class EngineStats:
     max_frame_age_s: float               # in effect now (0 = no limit)
     prefill_ms_avg: float
     cached_frames_in_decoder: int = 0
+    decoder_cache_bytes: int = 0         # host memory of the decoder's cached KV states
     vision_aborted: int = 0              # background encodes stopped for an answer (redone later)
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -513,6 +514,8 @@ class Engine:
                            last_error=self.last_error, last_total_ms=self._last_total_ms,
                            max_frame_age_s=self.max_frame_age_s(), prefill_ms_avg=self._prefill_ms_avg,
                            cached_frames_in_decoder=len(decoder.cached_frames()) if decoder is not None else 0,
+                           decoder_cache_bytes=decoder.cached_state_bytes()
+                           if hasattr(decoder, "cached_state_bytes") else 0,
                            vision_aborted=self.frames.encodes_aborted)
 
     def _count(self, key: str) -> None:

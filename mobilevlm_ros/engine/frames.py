@@ -98,6 +98,24 @@ class CachedFrame:
 AnyFrame = Union[Frame, CachedFrame]
 
 
+def _image_bytes(f: Optional[Frame]) -> int:
+    if f is None:
+        return 0
+    data = f.raw.data if f.raw is not None else f.pixels if f.pixels is not None else f.compressed
+    if data is None:
+        return 0
+    nbytes = getattr(data, "nbytes", None)       # arrays, memoryviews; bytes and lists have a length
+    return int(nbytes) if nbytes is not None else len(data)
+
+
+def held_bytes(c: CachedFrame) -> int:
+    """Host memory a cached frame keeps alive: its embedding and the received frame (kept image, or
+    the source of a lazily cached frame)."""
+    emb = getattr(c.embedding, "embeds", None)
+    kept = c.image if c.image is not None else c.source
+    return (int(emb.nbytes) if emb is not None else 0) + _image_bytes(kept)
+
+
 def decode_frame(frame: Frame) -> Tuple[np.ndarray, str]:
     """Pixels ready for model.encode: (uint8 array, channel order). Compressed frames are decoded
     here (in the vision worker, not in the image callback). Raises ImageError."""
@@ -124,6 +142,8 @@ class CameraStats:
     latest_received_ns: int = 0
     callback_cpu_ms: float = 0.0      # image callbacks' CPU time, all frames (the node's own work)
     callback_cpu_ms_max: float = 0.0
+    cached: int = 0             # frames in the embedding cache now
+    cached_bytes: int = 0       # what they hold: embeddings and kept images
 
     @property
     def callback_cpu_ms_avg(self) -> float:
@@ -432,7 +452,12 @@ class FrameStore:
     def stats(self) -> Dict[str, CameraStats]:
         """A consistent copy of every camera's counters."""
         with self._lock:
-            return {n: CameraStats(**vars(c.stats)) for n, c in self.cameras.items()}
+            out = {}
+            for n, c in self.cameras.items():
+                out[n] = CameraStats(**vars(c.stats))
+                out[n].cached = len(c.cache)
+                out[n].cached_bytes = sum(held_bytes(f) for f in c.cache)
+            return out
 
     def clear(self) -> None:
         """Forget pending and cached frames (counters are kept)."""

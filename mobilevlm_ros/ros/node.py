@@ -495,6 +495,8 @@ class MobileVLMNode(LifecycleNode):
                                                      "vision_latency_ms": f"{cs.latency_ms:.1f}",
                                                      "callback_cpu_ms_avg": f"{cs.callback_cpu_ms_avg:.3f}",
                                                      "callback_cpu_ms_max": f"{cs.callback_cpu_ms_max:.3f}",
+                                                     "cached_frames": cs.cached,
+                                                     "cache_mb": f"{cs.cached_bytes / 2**20:.2f}",
                                                      "latest_frame_age_s": f"{age:.3f}"})))
             level = DiagnosticStatus.WARN if st.queue_depth >= st.max_queue else DiagnosticStatus.OK
             statuses.append(DiagnosticStatus(level=level, name=f"{name}: requests",
@@ -506,6 +508,8 @@ class MobileVLMNode(LifecycleNode):
                                                  "vision_aborted": st.vision_aborted,
                                                  "max_frame_age_s": f"{max_age:.3f}",
                                                  "prefill_ms_avg": f"{st.prefill_ms_avg:.1f}",
+                                                 "decoder_cached_frames": st.cached_frames_in_decoder,
+                                                 "decoder_cache_mb": f"{st.decoder_cache_bytes / 2**20:.2f}",
                                                  "last_total_ms": f"{st.last_total_ms:.1f}",
                                                  "last_error": st.last_error or self.last_error})))
         annotated = self._annotated

@@ -42,6 +42,7 @@ def plot(samples, streams, path: Path, title: str) -> bool:
     t = [r["t_s"] for r in samples]
     fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
     axes[0].plot(t, [r.get("rss_mb", math.nan) for r in samples], label="node RSS")
+    axes[0].plot(t, [r.get("cache_mb", math.nan) for r in samples], label="its caches (diagnostics)")
     axes[0].set_ylabel("MB")
     axes[1].plot(t, [r["latency_ms_p50"] for r in samples], ".-", label="answer latency p50 (last 1 s)")
     axes[1].set_ylabel("ms")
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
         def show(row):
-            print(f"  t={row['t_s']:6.1f}s rss={row.get('rss_mb', math.nan):7.1f} MB sent={row['requests_sent']} "
+            print(f"  t={row['t_s']:6.1f}s rss={row.get('rss_mb', math.nan):7.1f} MB "
+                  f"(caches {row.get('cache_mb', math.nan):5.1f}) sent={row['requests_sent']} "
                   f"answered={row['answered']} busy={row['busy']} errors={row['errors']}", file=sys.stderr)
         summary = flood.run(a.duration, warmup_s=a.warmup, sample_period_s=a.sample_period, on_sample=show)
         alive = node.proc.poll() is None

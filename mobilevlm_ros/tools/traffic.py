@@ -171,7 +171,9 @@ class FloodSummary:
     frame_age_ms_max: float
     rss_mb_after_warmup: float
     rss_mb_end: float
-    rss_growth_pct: float
+    cache_mb_after_warmup: float        # what the node's caches held then (diagnostics)
+    cache_mb_end: float
+    growth_beyond_caches_pct: float     # RSS net of the caches, end vs after warm-up: a leak
     hwm_mb: float
     cameras: Dict[str, dict] = field(default_factory=dict)
 
@@ -294,6 +296,12 @@ class Flood:
     def camera_counters(self, name: str) -> dict:
         return self.diag.get(f"camera {name}", {})
 
+    def cache_mb(self) -> float:
+        """What the node's caches hold by its diagnostics: cached frames (embeddings, kept images)
+        of every camera and the decoder's cached KV states. Bounded by design, so not a leak."""
+        frames = sum(float(self.camera_counters(s.name).get("cache_mb", 0.0)) for s in self.streams)
+        return frames + float(self.diag.get("requests", {}).get("decoder_cache_mb", 0.0))
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Until the node's service answers discovery and its diagnostics arrive."""
         deadline = time.monotonic() + timeout
@@ -401,7 +409,7 @@ class Flood:
     def run(self, duration_s: float, warmup_s: float = 0.0, sample_period_s: float = 1.0,
             on_sample: Optional[Callable[[dict], None]] = None) -> FloodSummary:
         """Stream and ask for `duration_s`, then wait for every outstanding response. Memory growth
-        compares the node's RSS at the end with its RSS after `warmup_s` (see _memory)."""
+        compares the node's RSS net of its caches at the end with that after `warmup_s` (_memory)."""
         t0 = time.monotonic()
         t_end = t0 + duration_s
         threads = [threading.Thread(target=self._publish_loop, args=(s, t_end), daemon=True) for s in self.streams]
@@ -452,6 +460,7 @@ class Flood:
             row["hwm_mb"] = st.get("VmHWM", float("nan"))
             row["threads"] = st.get("Threads", 0)
             row["cpu_s"] = st.get("cpu_s", float("nan"))
+            row["cache_mb"] = self.cache_mb()
         for s in self.streams:
             c = self.camera_counters(s.name)
             row[f"{s.name}_sent"] = self.frames_sent[s.name]
@@ -467,17 +476,21 @@ class Flood:
         return row
 
     def _memory(self, warmup_s: float):
-        """Node RSS just after warm-up and at the end: the lowest sample of the first and of the last
-        quarter of the samples after warm-up. Frame buffers in flight swing RSS by up to ~50 MB from
-        one sample to the next (1080p frames are 6 MB; seen 190-243 MB within 1 s at a floor of
-        190 MB), so medians of a few samples moved by 20 MB at random; what a leak raises is the
-        floor under them."""
-        rss = [r["rss_mb"] for r in self.samples if r["t_s"] >= warmup_s and r.get("rss_mb") == r.get("rss_mb")
-               and "rss_mb" in r]
-        if len(rss) < 4:
-            return float("nan"), float("nan")
-        q = max(1, len(rss) // 4)
-        return min(rss[:q]), min(rss[-q:])
+        """Node RSS beside what its caches hold, just after warm-up and at the end: (rss, cache) of
+        the sample with the lowest RSS net of caches in the first and in the last quarter of the
+        samples after warm-up. Frame buffers in flight swing RSS by up to ~50 MB from one sample to
+        the next (1080p frames are 6 MB; seen 190-243 MB within 1 s at a floor of 190 MB), so
+        medians of a few samples moved by 20 MB at random; what a leak raises is the floor under
+        them. The caches fill during the run (4 kept 1080p frames are 25 MB, and a flood that keeps
+        the decoder busy may encode only a few frames a camera): their growth is not a leak."""
+        nan = float("nan")
+        rows = [(r["rss_mb"], r.get("cache_mb", 0.0)) for r in self.samples
+                if r["t_s"] >= warmup_s and r.get("rss_mb", nan) == r.get("rss_mb", nan)]
+        if len(rows) < 4:
+            return (nan, nan), (nan, nan)
+        q = max(1, len(rows) // 4)
+        net = lambda rc: rc[0] - rc[1]
+        return min(rows[:q], key=net), min(rows[-q:], key=net)
 
     def _summary(self, warmup_s, final) -> FloodSummary:
         outcomes = list(self.outcomes)
@@ -487,7 +500,8 @@ class Flood:
             if o.kind not in ("answered", "busy"):
                 key = re.sub(r"[0-9][0-9.]*", "N", o.error.split(":")[0])[:60]   # one kind, whatever the numbers
                 kinds[key] = kinds.get(key, 0) + 1
-        rss_warm, rss_end = self._memory(warmup_s)
+        (rss_warm, cache_warm), (rss_end, cache_end) = self._memory(warmup_s)
+        net_warm, net_end = rss_warm - cache_warm, rss_end - cache_end
         cams = {}
         for s in self.streams:
             c = self.camera_counters(s.name)
@@ -508,8 +522,9 @@ class Flood:
             latency_ms_p95=_pct([o.latency_ms for o in answered], 0.95),
             frame_age_ms_p50=statistics.median(ages) if ages else float("nan"),
             frame_age_ms_max=max(ages) if ages else float("nan"),
-            rss_mb_after_warmup=rss_warm, rss_mb_end=rss_end,
-            rss_growth_pct=100.0 * (rss_end - rss_warm) / rss_warm if rss_warm == rss_warm and rss_warm else float("nan"),
+            rss_mb_after_warmup=rss_warm, rss_mb_end=rss_end, cache_mb_after_warmup=cache_warm,
+            cache_mb_end=cache_end,
+            growth_beyond_caches_pct=100.0 * (net_end - net_warm) / net_warm if net_warm > 0 else float("nan"),
             hwm_mb=final.get("hwm_mb", float("nan")), cameras=cams)
 
     # ------------------------------------------------------------------ tear-down
