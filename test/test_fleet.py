@@ -268,6 +268,8 @@ def test_worker_killed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_clust
 
 
 def test_node_removed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_cluster, tmp_path):
+    """A node leaves and none replaces it: its worker cannot come back (the other worker holds the
+    only CPU left), so the driver must see the node gone and give the bag to the other worker."""
     out = tmp_path / "node_gone"
     removed = []
 
@@ -275,12 +277,12 @@ def test_node_removed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_cluste
         [node] = [n for n in ray_cluster.worker_nodes if n.node_id == w["node_id"]]
         ray_cluster.remove_node(node)
         removed.append(node)
-        # a replacement joins, as an autoscaler's would: the restarted worker needs a CPU, and the
-        # other worker holds the only one left (without it the run waits for capacity)
-        ray_cluster.add_node(num_cpus=1)
 
-    fleet, victim = _disturbed_run(bags, tiny_v2, out, remove_node)
-    ray_cluster.wait_for_nodes()
+    try:
+        fleet, victim = _disturbed_run(bags, tiny_v2, out, remove_node)
+    finally:
+        ray_cluster.add_node(num_cpus=1)        # the two-node cluster again, for the tests after
+        ray_cluster.wait_for_nodes()
     assert removed and fleet.attempts == {"long0": 1}
     s = json.loads((out / "long0.summary.json").read_text())
     assert s["node_id"] != victim["node_id"]

@@ -5,7 +5,9 @@
   --address=HEAD:6379` on the others, token authentication on: docs/replay.md).
 - Nothing lost: an actor whose process or node dies is restarted by Ray (its constructor loads the
   model again, on whatever node has room) and the driver hands the bag it was on to the next free
-  worker; a bag that killed its worker MAX_ATTEMPTS times gets an error record. Bags are read by the
+  worker; a bag that killed its worker MAX_ATTEMPTS times gets an error record. A node that is gone
+  is seen in Ray's node table: its bag is handed out again at once, not when its actor is back
+  (which waits for a free CPU, maybe forever, while the other workers idle). Bags are read by the
   workers (the paths must be readable on every node: a shared file system); results come back to
   the driver, which alone writes the output folder.
 - Ctrl-C: the driver stops handing out bags, writes what is finished, shuts Ray down and returns.
@@ -22,6 +24,7 @@ from ..core.errors import ModelLoadError
 
 INSTALL_HINT = "pip install 'mobilevlm_ros[fleet]'  (or: pip install 'ray==2.60.0')"
 POLL_S = 0.5
+NODE_CHECK_S = 2.0      # how often the driver reads Ray's node table for nodes that went away
 
 
 class RayMissing(RuntimeError):
@@ -61,6 +64,13 @@ def connect(address: Optional[str], cpus: Optional[int] = None) -> bool:
         ray.init(address="local", num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=True)
     return True
+
+
+def _dead_nodes(ray) -> set:
+    try:
+        return {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)}
+    except Exception:           # the table is an optimisation: actor errors still come through
+        return set()
 
 
 def _cause(e: BaseException) -> str:
@@ -129,9 +139,32 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
         queue = list(jobs)
         busy: Dict[object, tuple] = {}          # future -> (actor index, job)
         waking: Dict[object, int] = {}          # ready() future -> actor index
+        node_of: Dict[int, str] = {}            # actor index -> its node, from ready()
         for i in range(len(actors)):
             waking[actors[i].ready.remote()] = i
+        next_node_check = time.monotonic() + NODE_CHECK_S
+
+        def lost(i: int, job: Job, why: str) -> None:
+            """The bag's worker is gone: the bag goes back to the queue (or gets its error record),
+            the worker back to the pool once Ray has restarted it."""
+            fleet.attempts[job.name] = fleet.attempts.get(job.name, 0) + 1
+            if fleet.attempts[job.name] >= MAX_ATTEMPTS:
+                fleet.gave_up(job, f"its worker died {MAX_ATTEMPTS} times while replaying it (last: {why})")
+                if progress is not None:
+                    progress.bag(job.name, fleet.summaries[job.name])
+            else:
+                queue.insert(0, job)
+            node_of.pop(i, None)
+            waking[actors[i].ready.remote()] = i
+
         while queue or busy:
+            if busy and time.monotonic() >= next_node_check:
+                next_node_check = time.monotonic() + NODE_CHECK_S
+                dead = _dead_nodes(ray)
+                for fut, (i, job) in list(busy.items()):
+                    if node_of.get(i) in dead:          # its future resolves only once the actor is back
+                        del busy[fut]
+                        lost(i, job, "its node left the cluster")
             pending = list(busy) + list(waking)
             done, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
             try:
@@ -147,7 +180,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                 if fut in waking:
                     i = waking.pop(fut)
                     try:
-                        ray.get(fut)
+                        node_of[i] = ray.get(fut)["node_id"]
                     except RayActorError as e:
                         if "creation task" in str(e):  # its constructor raised: the model does not load
                             raise ModelLoadError(_cause(e)) from None
@@ -162,15 +195,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                 try:
                     result = ray.get(fut)
                 except RayActorError as e:              # the worker or its node died mid-bag
-                    fleet.attempts[job.name] = fleet.attempts.get(job.name, 0) + 1
-                    if fleet.attempts[job.name] >= MAX_ATTEMPTS:
-                        fleet.gave_up(job, f"its worker died {MAX_ATTEMPTS} times while replaying it "
-                                           f"(last: {type(e).__name__})")
-                        if progress is not None:
-                            progress.bag(job.name, fleet.summaries[job.name])
-                    else:
-                        queue.insert(0, job)
-                    waking[actors[i].ready.remote()] = i  # back in the pool once restarted
+                    lost(i, job, type(e).__name__)
                     continue
                 fleet.finish(job, result)
                 if progress is not None:
