@@ -313,17 +313,17 @@ class Engine:
                 job.ticket.cancel("the node stopped serving")
             return job
 
-    def _decoder_turn(self, answer: bool = False):
+    def _decoder_turn(self, for_answer: bool = False):
         """Held while the decoder works: unless vision_during_answers, no background encode starts,
         and an answer stops the one running (a prefill lets it finish: it is the frame it needs next)."""
         if self.config.vision_during_answers or self.simulated:
             return contextlib.nullcontext()
-        return self.frames.hold_background(abort_running=answer)
+        return self.frames.hold_background(abort_running=for_answer)
 
     def _answer(self, job: Job) -> None:
         t0 = time.perf_counter()
         try:
-            with self._decoder_turn(answer=True):
+            with self._decoder_turn(for_answer=True):
                 result = answer(self.model, self.frames, job, self.counters)
             if result.status == Status.OK and not self.simulated:     # replay: instant, repeatable
                 ms = (time.perf_counter() - t0) * 1e3
