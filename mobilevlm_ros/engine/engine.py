@@ -436,10 +436,6 @@ class Engine:
         return self._caption[1]
 
     # ============================================================== reporting
-    @property
-    def last_error(self) -> str:
-        return self.counters.last_error
-
     def stats(self) -> EngineStats:
         with self._lock:
             depth, busy = len(self._queue), int(self._current is not None)

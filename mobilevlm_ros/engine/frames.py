@@ -36,6 +36,7 @@ from ..core.preprocess import rgb_order
 from ..core.vision import Abort
 from .images import compressed_to_rgb, raw_to_rgb
 from .model import Model
+from .stats import CameraStats
 
 NS = 1_000_000_000
 FUTURE_TOLERANCE_S = 1.0    # requested stamps up to this far ahead of the node clock are accepted
@@ -129,28 +130,6 @@ def decode_frame(frame: Frame) -> np.ndarray:
     if frame.compressed is None:
         raise ImageError("frame has neither pixels nor compressed data")
     return compressed_to_rgb(frame.fmt, frame.compressed)
-
-
-@dataclass
-class CameraStats:
-    received: int = 0
-    encoded: int = 0
-    dropped: int = 0            # replaced in the pending slot before the vision worker took them
-    rejected: int = 0           # failed validation or decoding
-    last_reject: str = ""
-    vision_ms: float = 0.0      # encode time of the last frame (per frame, batch share)
-    vision_ms_avg: float = 0.0  # exponential moving average
-    latency_ms: float = 0.0     # reception -> embedding cached, last frame
-    latest_stamp_ns: int = 0    # newest frame received
-    latest_received_ns: int = 0
-    callback_cpu_ms: float = 0.0      # image callbacks' CPU time, all frames (the node's own work)
-    callback_cpu_ms_max: float = 0.0
-    cached: int = 0             # frames in the embedding cache now
-    cached_bytes: int = 0       # what they hold: embeddings and kept images
-
-    @property
-    def callback_cpu_ms_avg(self) -> float:
-        return self.callback_cpu_ms / self.received if self.received else 0.0
 
 
 class CameraFrames:

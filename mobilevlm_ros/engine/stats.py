@@ -1,4 +1,5 @@
-"""What the engine reports: its counters and the consistent copy diagnostics read (Engine.stats)."""
+"""What the engine reports: its counters, each camera's frame counters and the consistent copy
+diagnostics read (Engine.stats)."""
 from __future__ import annotations
 
 import threading
@@ -33,6 +34,29 @@ class Counters:
 
 
 @dataclass
+class CameraStats:
+    """One camera's frame counters (FrameStore.stats)."""
+    received: int = 0
+    encoded: int = 0
+    dropped: int = 0            # replaced in the pending slot before the vision worker took them
+    rejected: int = 0           # failed validation or decoding
+    last_reject: str = ""
+    vision_ms: float = 0.0      # encode time of the last frame (per frame, batch share)
+    vision_ms_avg: float = 0.0  # exponential moving average
+    latency_ms: float = 0.0     # reception -> embedding cached, last frame
+    latest_stamp_ns: int = 0    # newest frame received
+    latest_received_ns: int = 0
+    callback_cpu_ms: float = 0.0      # image callbacks' CPU time, all frames (the node's own work)
+    callback_cpu_ms_max: float = 0.0
+    cached: int = 0             # frames in the embedding cache now
+    cached_bytes: int = 0       # what they hold: embeddings and kept images
+
+    @property
+    def callback_cpu_ms_avg(self) -> float:
+        return self.callback_cpu_ms / self.received if self.received else 0.0
+
+
+@dataclass
 class EngineStats:
     """A consistent copy of what diagnostics report."""
     serving: bool
@@ -40,7 +64,7 @@ class EngineStats:
     queue_depth: int
     max_queue: int
     in_progress: int
-    cameras: Dict[str, Any]              # camera -> frames.CameraStats
+    cameras: Dict[str, CameraStats]
     vision_errors: int
     last_error: str
     last_total_ms: float
