@@ -18,11 +18,16 @@ TokenCallback = Callable[[int, str], None]
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """How to generate; valid once it exists (checked when made, RequestError naming the field), so
+    the model and the decoders take it as it is."""
     max_new_tokens: int = 128
     temperature: float = 0.0        # 0 = greedy
     top_p: float = 1.0
     seed: Optional[int] = None      # None = nondeterministic sampling
     min_new_tokens: int = 0         # for benchmarks: ignore EOS/stop text before this many tokens
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> "GenerationParams":
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:

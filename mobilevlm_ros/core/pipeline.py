@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from .artifacts import MANIFEST, choose_vision_dtype, read_manifest
 from .errors import ModelLoadError
@@ -72,6 +72,9 @@ def is_artifacts(path: Path) -> bool:
 
 
 class MobileVLM:
+    """A loaded model: a vision backend, a decoder and their tokenizer. Implements the engine's
+    model interface (engine/model.py): callers go through these methods, not through .decoder."""
+
     def __init__(self, vision: VisionBackend, decoder, tokenizer: Tokenizer, image_tokens: int,
                  model_id: str):
         self.vision, self.decoder, self.tokenizer = vision, decoder, tokenizer
@@ -81,16 +84,29 @@ class MobileVLM:
         return self.vision.encode(frames, channel_order, abort)
 
     def prompt(self, question: str) -> PromptIds:
+        """Tokenize once (the engine does it when it accepts a request); RequestError if the model
+        cannot take the question."""
         return build_prompt(self.tokenizer, question, self.image_tokens)
 
-    def ask(self, question: str, image: ImageEmbedding, params: GenerationParams = GenerationParams(),
-            on_token: Optional[TokenCallback] = None,
+    def ask(self, question: Union[str, PromptIds], image: ImageEmbedding,
+            params: GenerationParams = GenerationParams(), on_token: Optional[TokenCallback] = None,
             cancel: Optional[Callable[[], bool]] = None) -> Generation:
-        return self.decoder.generate(self.prompt(question), image, params.validate(), on_token, cancel)
+        """Answer `question` (prompt ids from prompt(), or its text, tokenized here) about `image`."""
+        prompt = question if isinstance(question, PromptIds) else self.prompt(question)
+        return self.decoder.generate(prompt, image, params, on_token, cancel)
 
     def prefill(self, image: ImageEmbedding, interrupt: Optional[Callable[[], bool]] = None) -> bool:
         """Evaluate a frame's image tokens in the decoder ahead of its questions (see Decoder.prefill)."""
         return self.decoder.prefill(self.prompt(""), image, interrupt)
+
+    def cached_frames(self) -> list:
+        """Keys of the frames whose image tokens the decoder holds (least recently used first)."""
+        return self.decoder.cached_frames()
+
+    def kv_state_bytes(self) -> int:
+        """Host memory of the decoder's saved KV states (0 for a decoder that does not count it)."""
+        counted = getattr(self.decoder, "cached_state_bytes", None)
+        return int(counted()) if counted is not None else 0
 
     def describe(self) -> dict:
         return {"model_id": self.model_id, "image_tokens": self.image_tokens,

@@ -15,20 +15,27 @@ PAD_RGB = tuple(int(255 * m) for m in CLIP_MEAN)      # (122, 116, 104), as the 
 IMAGE_SIZE = 336
 
 
-def as_rgb(frame: np.ndarray, channel_order: str = "rgb") -> np.ndarray:
-    """uint8 HxWx3 RGB from an HxW (mono), HxWx3 or HxWx4 uint8 array in RGB(A) or BGR(A) order."""
+def rgb_order(frame: np.ndarray, channel_order: str = "rgb") -> np.ndarray:
+    """The one place channel order is normalised: uint8 HxWx3 RGB from HxWx3/HxWx4 pixels in RGB(A) or
+    BGR(A) order (alpha dropped; the frame itself when it is RGB already), mono (HxW, HxWx1) as it
+    is. Raises ImageError for anything else."""
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
         raise ImageError(f"expected a uint8 numpy array, got {getattr(frame, 'dtype', type(frame))}")
-    if frame.ndim == 2:
-        frame = frame[:, :, None]
-    if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4) or 0 in frame.shape[:2]:
+    if frame.ndim not in (2, 3) or frame.ndim == 3 and frame.shape[2] not in (1, 3, 4) or 0 in frame.shape[:2]:
         raise ImageError(f"expected HxW, HxWx3 or HxWx4 pixels, got shape {frame.shape}")
-    if frame.shape[2] == 1:
-        return np.repeat(frame, 3, axis=2)
+    if frame.ndim == 2 or frame.shape[2] == 1:
+        return frame
     if channel_order not in ("rgb", "bgr"):
         raise ImageError(f"unknown channel order '{channel_order}'")
-    frame = frame[:, :, :3]
-    return np.ascontiguousarray(frame[:, :, ::-1] if channel_order == "bgr" else frame)
+    return np.ascontiguousarray(frame[:, :, 2::-1] if channel_order == "bgr" else frame[:, :, :3])
+
+
+def as_rgb(frame: np.ndarray, channel_order: str = "rgb") -> np.ndarray:
+    """uint8 HxWx3 RGB from an HxW (mono), HxWx3 or HxWx4 uint8 array in RGB(A) or BGR(A) order."""
+    frame = rgb_order(frame, channel_order)
+    if frame.ndim == 3 and frame.shape[2] == 3:
+        return frame
+    return np.repeat(frame.reshape(*frame.shape[:2], 1), 3, axis=2)      # mono: grey in every channel
 
 
 def pad_to_square(rgb: np.ndarray) -> np.ndarray:

@@ -183,14 +183,10 @@ def draw(bgr: np.ndarray, overlay: Overlay) -> int:
 
 def frame_bgr(frame: Frame) -> np.ndarray:
     """A new, writable BGR (uint8 HxWx3) copy of a received frame's pixels. Raises ImageError."""
-    pixels, order = decode_frame(frame)
-    if pixels.ndim == 2 or pixels.shape[2] == 1:
-        return cv2.cvtColor(np.ascontiguousarray(pixels.reshape(pixels.shape[:2])), cv2.COLOR_GRAY2BGR)
-    if pixels.shape[2] == 4:
-        return cv2.cvtColor(pixels, cv2.COLOR_BGRA2BGR if order == "bgr" else cv2.COLOR_RGBA2BGR)
-    if order == "bgr":
-        return np.array(pixels, dtype=np.uint8, order="C", copy=True)
-    return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2BGR)
+    rgb = np.ascontiguousarray(decode_frame(frame))
+    if rgb.ndim == 2 or rgb.shape[2] == 1:
+        return cv2.cvtColor(rgb.reshape(rgb.shape[:2]), cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
 def annotate(result, question: str) -> Optional[np.ndarray]:

@@ -19,7 +19,8 @@ Stepped (`simulated=True`, no threads): the caller moves the clock and calls `vi
 instant (a frame is cached when the vision schedule says so and encoded at its first use: the same
 embedding, computed once); the same selection, validation and answering code runs in both modes.
 
-Every submitted request gets exactly one Result, with a Status code.
+Every submitted request gets exactly one Result, with a Status code. The model is used only through
+its interface (model.py); answering one request is answer.py, the counters and stats stats.py.
 """
 from __future__ import annotations
 
@@ -28,20 +29,22 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from ..core.errors import ImageError, MobileVLMError, RequestError
-from ..core.generation import GenerationParams
+from ..core.prompt import PromptIds
+from .answer import Job, answer, failure
 from .config import AUTO_AGE_CYCLES, AUTO_AGE_MIN_S, EngineConfig
 from .frames import NS, AnyFrame, CachedFrame, Frame, FrameStore, FrameUnavailable, check_stamp
 from .images import RawImage, check_compressed, check_raw
+from .model import Model
 from .requests import Request, Result, Status, Ticket, check_question, generation_params
+from .stats import Counters, EngineStats
+
+__all__ = ["Engine", "EngineStats", "SimClock", "wall_clock_ns"]
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("requests", "answers", "errors", "busy", "cancelled", "captions", "captions_skipped",
-            "frames_prefilled", "encoded_on_demand")
 IDLE_POLL_S = 0.05
 
 
@@ -62,41 +65,8 @@ class SimClock:
         return self.ns
 
 
-@dataclass
-class _Job:
-    ticket: Ticket
-    frame: AnyFrame
-    params: GenerationParams
-    arrived_ns: int
-    camera: str
-
-    @property
-    def kind(self) -> str:
-        return self.ticket.request.kind
-
-
-@dataclass
-class EngineStats:
-    """A consistent copy of what diagnostics report."""
-    serving: bool
-    counts: Dict[str, int]
-    queue_depth: int
-    max_queue: int
-    in_progress: int
-    cameras: Dict[str, Any]              # camera -> frames.CameraStats
-    vision_errors: int
-    last_error: str
-    last_total_ms: float
-    max_frame_age_s: float               # in effect now (0 = no limit)
-    prefill_ms_avg: float
-    cached_frames_in_decoder: int = 0
-    decoder_cache_bytes: int = 0         # host memory of the decoder's cached KV states
-    vision_aborted: int = 0              # background encodes stopped for an answer (redone later)
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
 class Engine:
-    def __init__(self, model, config: EngineConfig, clock: Callable[[], int] = wall_clock_ns,
+    def __init__(self, model: Model, config: EngineConfig, clock: Callable[[], int] = wall_clock_ns,
                  simulated: bool = False):
         self.model = model
         self.config = config.validate()
@@ -104,20 +74,20 @@ class Engine:
         self.simulated = simulated
         self.frames = FrameStore(self.config.cameras, self.config.frame_cache_size, self.config.keep_frame_images)
         self.on_answer: Optional[Callable[[Request, Result], None]] = None   # every generated answer
-        self.last_error = ""
+        self.counters = Counters()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._queue: "deque[_Job]" = deque()
-        self._current: Optional[_Job] = None
+        self._queue: "deque[Job]" = deque()
+        self._current: Optional[Job] = None
         self._serving = simulated
         self._stop = threading.Event()
         self._threads: list = []
-        self._counts = dict.fromkeys(COUNTERS, 0)
         self._prefilled: Dict[str, int] = {}         # camera -> seq of the frame last prefilled
         self._prefill_ms_avg = 0.0
         self._answer_ms_avg = 0.0                    # the decoder's time per answer (auto frame age)
         self._last_total_ms = 0.0
         self._last_captioned: Dict[str, int] = {}
+        self._caption: Optional[Tuple[str, PromptIds]] = None      # the caption prompt, tokenized once
         self._next_caption_ns = 0
         self._next_encode_ns = 0
 
@@ -153,7 +123,7 @@ class Engine:
         if current is not None:
             current.ticket.cancel(reason)
         for job in waiting:
-            job.ticket.finish(self._failure(Status.UNAVAILABLE, f"not answered: {reason}", job.camera))
+            job.ticket.finish(failure(Status.UNAVAILABLE, f"not answered: {reason}", job.camera))
         self._stop.set()
         self.frames.abort_background()
         self.frames.wake()
@@ -193,10 +163,6 @@ class Engine:
         return self._offer(camera, stamp_ns, lambda stamp, now: (check_compressed(fmt, data), Frame(
             camera, header, stamp, now, compressed=data, fmt=fmt))[1])
 
-    def offer_pixels(self, camera: str, header, stamp_ns: int, rgb) -> Frame:
-        """Decoded RGB pixels (uint8 HxWx3), e.g. from an image file."""
-        return self._offer(camera, stamp_ns, lambda stamp, now: Frame(camera, header, stamp, now, pixels=rgb))
-
     def _offer(self, camera: str, stamp_ns: int, make: Callable[[int, int], Frame]) -> Frame:
         if camera not in self.frames.cameras:
             raise ImageError(f"unknown camera '{camera}' (cameras: {', '.join(self.config.cameras)})")
@@ -211,17 +177,14 @@ class Engine:
         self.frames.offer(frame)
         return frame
 
-    def reject(self, camera: str, reason: str) -> None:
-        """Count a frame the adapter could not even read."""
-        self.frames.reject(camera, reason)
-
     # ============================================================== requests in
     def submit(self, request: Request, on_token: Optional[Callable[[int, str], None]] = None) -> Ticket:
-        """Validate (fast: no model call) and queue. Returns a Ticket; a request that cannot be
-        served (bad, busy, no frame, not serving) is finished at once with its status."""
+        """Validate, tokenize the question (once: the job carries its prompt ids) and queue; nothing is
+        evaluated here. Returns a Ticket; a request that cannot be served (bad, busy, no frame, not
+        serving) is finished at once with its status."""
         ticket = Ticket(request, on_token)
         now = self.clock()
-        self._count("requests")
+        self.counters.add("requests")
         cfg = self.config
         camera = (request.camera or "").strip() or cfg.default_camera
         status = Status.INVALID_REQUEST
@@ -233,24 +196,24 @@ class Engine:
             if not self._serving:
                 status = Status.UNAVAILABLE
                 raise RequestError("the node is not active")
-            self.model.prompt(request.question)     # special tokens in the question: RequestError
+            prompt = self.model.prompt(request.question)    # tokenized once; special tokens: RequestError
             status = Status.NO_FRAME
             frame = self.select(camera, now, request)
-            job = _Job(ticket, frame, params, now, camera)
+            job = Job(ticket, frame, prompt, params, now, camera)
             with self._lock:
                 if not self._serving:
                     status = Status.UNAVAILABLE
                     raise RequestError("the node is not active")
                 if len(self._queue) >= cfg.max_queue:
-                    self._counts["busy"] += 1
+                    self.counters.add("busy")
                     status = Status.BUSY
                     raise RequestError(f"busy: {len(self._queue)} requests are waiting and one is being "
                                        f"answered (max_queue {cfg.max_queue}); try again later")
                 self._queue.append(job)
                 self._work.notify_all()
         except MobileVLMError as e:
-            self._count_error(str(e))
-            ticket.finish(self._failure(status, str(e), camera))
+            self.counters.error(str(e))
+            ticket.finish(failure(status, str(e), camera))
         return ticket
 
     def max_frame_age_s(self, request: Optional[Request] = None) -> float:
@@ -274,7 +237,7 @@ class Engine:
         if self.simulated:
             ready = None                            # encoding and prefill are instant there
         else:
-            in_decoder = set(self.model.decoder.cached_frames())
+            in_decoder = set(self.model.cached_frames())
             ready = lambda f: f.embedding is not None and f.embedding.key in in_decoder  # noqa: E731
         stamp = int(request.stamp_ns) if request is not None else 0
         try:
@@ -325,8 +288,8 @@ class Engine:
                     rate = self.config.vision_rate_hz
                     self._next_encode_ns = t0 + (int(NS / rate) if rate > 0 else 0)
             except Exception as e:
-                self.last_error = f"vision encoder: {type(e).__name__}: {e}"
-                log.error(self.last_error)
+                self.counters.last_error = f"vision encoder: {type(e).__name__}: {e}"
+                log.error(self.counters.last_error)
                 self._stop.wait(0.2)
 
     def _generation_loop(self) -> None:
@@ -338,7 +301,7 @@ class Engine:
                 continue
             self._answer(job)
 
-    def _take(self, block: bool) -> Optional[_Job]:
+    def _take(self, block: bool) -> Optional[Job]:
         with self._lock:
             if not self._queue and block:
                 self._work.wait(IDLE_POLL_S)
@@ -350,24 +313,24 @@ class Engine:
                 job.ticket.cancel("the node stopped serving")
             return job
 
-    def _decoder_turn(self, answer: bool = False):
+    def _decoder_turn(self, for_answer: bool = False):
         """Held while the decoder works: unless vision_during_answers, no background encode starts,
         and an answer stops the one running (a prefill lets it finish: it is the frame it needs next)."""
         if self.config.vision_during_answers or self.simulated:
             return contextlib.nullcontext()
-        return self.frames.hold_background(abort_running=answer)
+        return self.frames.hold_background(abort_running=for_answer)
 
-    def _answer(self, job: _Job) -> None:
+    def _answer(self, job: Job) -> None:
         t0 = time.perf_counter()
         try:
-            with self._decoder_turn(answer=True):
-                result = self._generate(job)
+            with self._decoder_turn(for_answer=True):
+                result = answer(self.model, self.frames, job, self.counters)
             if result.status == Status.OK and not self.simulated:     # replay: instant, repeatable
                 ms = (time.perf_counter() - t0) * 1e3
                 self._answer_ms_avg = ms if not self._answer_ms_avg else 0.8 * self._answer_ms_avg + 0.2 * ms
         except Exception as e:              # never leave a request unanswered
             log.exception("generation failed")
-            result = self._failure(Status.MODEL_ERROR, f"internal error: {type(e).__name__}: {e}", job.camera)
+            result = failure(Status.MODEL_ERROR, f"internal error: {type(e).__name__}: {e}", job.camera)
         finally:
             with self._lock:
                 self._current = None
@@ -379,47 +342,6 @@ class Engine:
                 self.on_answer(job.ticket.request, result)
             except Exception as e:          # the adapter's publisher, e.g. shutting down
                 log.debug("on_answer failed: %s", e)
-
-    def _generate(self, job: _Job) -> Result:
-        ticket = job.ticket
-        age_ms = (job.arrived_ns - job.frame.stamp_ns) / 1e6
-        if ticket.cancelled():
-            self._count("cancelled")
-            return self._failure(Status.CANCELLED, ticket.cancel_reason or "cancelled before generation started",
-                                 job.camera, finish_reason="cancelled", frame=job.frame, age_ms=age_ms)
-        try:
-            cached, on_demand = self.frames.encode_frame(self.model, job.frame)
-            vision_ms = cached.vision_ms if on_demand else self.frames.ensure_embedding(self.model, cached)
-        except ImageError as e:
-            self._count_error(str(e))
-            return self._failure(Status.NO_FRAME, f"the frame could not be encoded: {e}", job.camera,
-                                 frame=job.frame, age_ms=age_ms)
-        if on_demand:
-            self._count("encoded_on_demand")
-        stream = ticket.token if ticket.on_token is not None else None
-        try:
-            gen = self.model.ask(ticket.request.question, cached.embedding, job.params, stream, ticket.cancelled)
-        except RequestError as e:           # e.g. the prompt does not fit the context
-            self._count_error(str(e))
-            return self._failure(Status.INVALID_REQUEST, str(e), job.camera, frame=cached, age_ms=age_ms)
-        except MobileVLMError as e:
-            self._count_error(str(e))
-            return self._failure(Status.MODEL_ERROR, str(e), job.camera, frame=cached, age_ms=age_ms)
-        if gen.finish_reason == "cancelled":
-            self._count("cancelled")
-            status = Status.CANCELLED
-            error = ticket.cancel_reason or "cancelled"
-            if ticket.tokens_at_cancel is not None:
-                error += f" ({gen.completion_tokens - ticket.tokens_at_cancel} tokens after the cancel request)"
-        else:
-            status, error = Status.OK, ""
-            self._count("captions" if job.kind == "caption" else "answers")
-        return Result(status=status, error=error, answer=gen.text, answer_ids=list(gen.ids), camera=job.camera,
-                      header=cached.header, stamp_ns=cached.stamp_ns, frame_seq=cached.seq,
-                      prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                      finish_reason=gen.finish_reason, vision_ms=vision_ms, prefill_ms=gen.prefill_ms,
-                      decode_ms=gen.decode_ms, first_token_ms=gen.first_token_ms, frame_age_ms=age_ms,
-                      encoded_on_demand=on_demand, image=cached.image)
 
     # ============================================================== idle work
     def _to_prefill(self):
@@ -470,12 +392,12 @@ class Engine:
             # worker keeps waiting for it): given up instead, the frame in the decoder aged while a
             # newer one was encoded, until a question found it too old and evaluated the image itself
             # (first token 1.9-2.1 s, 2 answers in 20 in mobilevlm-bench node on the AMD EPYC).
-            if done or cached.embedding.key in self.model.decoder.cached_frames():
+            if done or cached.embedding.key in self.model.cached_frames():
                 self._prefilled[camera] = cached.seq
             if done:
                 ms = (time.perf_counter() - t0) * 1e3
                 self._prefill_ms_avg = ms if not self._prefill_ms_avg else 0.8 * self._prefill_ms_avg + 0.2 * ms
-                self._count("frames_prefilled")
+                self.counters.add("frames_prefilled")
 
     def _caption_tick(self) -> None:
         """Every caption_period_s: queue a caption of each camera's newest fresh frame not captioned
@@ -495,42 +417,32 @@ class Engine:
             if self._last_captioned.get(cam) == frame.seq:
                 continue
             request = Request(cfg.caption_prompt, camera=cam, kind="caption")
-            params = generation_params(request, cfg)
+            try:
+                job = Job(Ticket(request), frame, self._caption_prompt(), generation_params(request, cfg), now, cam)
+            except MobileVLMError as e:     # a caption prompt the model cannot take: reported, not asked
+                self.counters.error(str(e))
+                return
             with self._lock:
                 if self._queue or not self._serving:
-                    self._counts["captions_skipped"] += 1
+                    self.counters.add("captions_skipped")
                     continue
-                self._queue.append(_Job(Ticket(request), frame, params, now, cam))
+                self._queue.append(job)
             self._last_captioned[cam] = frame.seq
+
+    def _caption_prompt(self) -> PromptIds:
+        text = self.config.caption_prompt
+        if self._caption is None or self._caption[0] != text:
+            self._caption = (text, self.model.prompt(text))
+        return self._caption[1]
 
     # ============================================================== reporting
     def stats(self) -> EngineStats:
         with self._lock:
-            counts = dict(self._counts)
             depth, busy = len(self._queue), int(self._current is not None)
-        decoder = getattr(self.model, "decoder", None)
-        return EngineStats(serving=self._serving, counts=counts, queue_depth=depth, max_queue=self.config.max_queue,
-                           in_progress=busy, cameras=self.frames.stats(), vision_errors=self.frames.encode_errors,
-                           last_error=self.last_error, last_total_ms=self._last_total_ms,
-                           max_frame_age_s=self.max_frame_age_s(), prefill_ms_avg=self._prefill_ms_avg,
-                           cached_frames_in_decoder=len(decoder.cached_frames()) if decoder is not None else 0,
-                           decoder_cache_bytes=decoder.cached_state_bytes()
-                           if hasattr(decoder, "cached_state_bytes") else 0,
-                           vision_aborted=self.frames.encodes_aborted)
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
-
-    def _count_error(self, error: str) -> None:
-        with self._lock:
-            self._counts["errors"] += 1
-            self.last_error = error
-
-    @staticmethod
-    def _failure(status: Status, error: str, camera: str, finish_reason: str = "error",
-                 frame: Optional[AnyFrame] = None, age_ms: float = 0.0) -> Result:
-        r = Result(status=status, error=error, camera=camera, finish_reason=finish_reason, frame_age_ms=age_ms)
-        if frame is not None:
-            r.header, r.stamp_ns, r.frame_seq = frame.header, frame.stamp_ns, frame.seq
-        return r
+        return EngineStats(serving=self._serving, counts=self.counters.snapshot(), queue_depth=depth,
+                           max_queue=self.config.max_queue, in_progress=busy, cameras=self.frames.stats(),
+                           vision_errors=self.frames.encode_errors, last_error=self.counters.last_error,
+                           last_total_ms=self._last_total_ms, max_frame_age_s=self.max_frame_age_s(),
+                           prefill_ms_avg=self._prefill_ms_avg,
+                           cached_frames_in_decoder=len(self.model.cached_frames()),
+                           decoder_cache_bytes=self.model.kv_state_bytes(), vision_aborted=self.frames.encodes_aborted)

@@ -32,8 +32,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 from ..core.errors import EncodeAborted, ImageError, MobileVLMError
+from ..core.preprocess import rgb_order
 from ..core.vision import Abort
 from .images import compressed_to_rgb, raw_to_rgb
+from .model import Model
+from .stats import CameraStats
 
 NS = 1_000_000_000
 FUTURE_TOLERANCE_S = 1.0    # requested stamps up to this far ahead of the node clock are accepted
@@ -62,8 +65,8 @@ class Frame:
     header: Any                       # std_msgs/Header as received (copied into answers)
     stamp_ns: int                     # header stamp; the receive time when the stamp is zero
     received_ns: int                  # node clock at reception
-    pixels: Optional[np.ndarray] = None   # uint8 HxW / HxWxC (raw images)
-    channel_order: str = "rgb"
+    pixels: Optional[np.ndarray] = None   # uint8 HxW / HxWxC, decoded already (tools, tests)
+    channel_order: str = "rgb"            # of pixels: rgb | bgr
     raw: Any = None                   # images.RawImage, converted when encoded
     compressed: Any = None            # bytes-like JPEG/PNG (compressed images)
     fmt: str = ""
@@ -116,38 +119,17 @@ def held_bytes(c: CachedFrame) -> int:
     return (int(emb.nbytes) if emb is not None else 0) + _image_bytes(kept)
 
 
-def decode_frame(frame: Frame) -> Tuple[np.ndarray, str]:
-    """Pixels ready for model.encode: (uint8 array, channel order). Compressed frames are decoded
-    here (in the vision worker, not in the image callback). Raises ImageError."""
+def decode_frame(frame: Frame) -> np.ndarray:
+    """The frame's uint8 pixels in RGB channel order (HxWx3; HxW or HxWx1 for mono pixels), ready for
+    model.encode. Compressed frames are decoded here (in the vision worker, not in the image
+    callback). Raises ImageError."""
     if frame.raw is not None:
-        return raw_to_rgb(frame.raw), "rgb"
-    if frame.pixels is not None:          # already decoded (tools, tests)
-        return np.ascontiguousarray(frame.pixels), frame.channel_order
+        return raw_to_rgb(frame.raw)
+    if frame.pixels is not None:          # already decoded (tools, tests), in either channel order
+        return rgb_order(frame.pixels, frame.channel_order)
     if frame.compressed is None:
         raise ImageError("frame has neither pixels nor compressed data")
-    return compressed_to_rgb(frame.fmt, frame.compressed), "rgb"
-
-
-@dataclass
-class CameraStats:
-    received: int = 0
-    encoded: int = 0
-    dropped: int = 0            # replaced in the pending slot before the vision worker took them
-    rejected: int = 0           # failed validation or decoding
-    last_reject: str = ""
-    vision_ms: float = 0.0      # encode time of the last frame (per frame, batch share)
-    vision_ms_avg: float = 0.0  # exponential moving average
-    latency_ms: float = 0.0     # reception -> embedding cached, last frame
-    latest_stamp_ns: int = 0    # newest frame received
-    latest_received_ns: int = 0
-    callback_cpu_ms: float = 0.0      # image callbacks' CPU time, all frames (the node's own work)
-    callback_cpu_ms_max: float = 0.0
-    cached: int = 0             # frames in the embedding cache now
-    cached_bytes: int = 0       # what they hold: embeddings and kept images
-
-    @property
-    def callback_cpu_ms_avg(self) -> float:
-        return self.callback_cpu_ms / self.received if self.received else 0.0
+    return compressed_to_rgb(frame.fmt, frame.compressed)
 
 
 class CameraFrames:
@@ -323,7 +305,7 @@ class FrameStore:
         with self._lock:
             self._has_pending.notify_all()
 
-    def encode_pending(self, model, lazy: bool = False) -> List[CachedFrame]:
+    def encode_pending(self, model: Model, lazy: bool = False) -> List[CachedFrame]:
         """Encode the pending frame of every camera in one model.encode call; returns what was cached.
         Frames that cannot be decoded are counted as rejected and skipped. lazy: cache them now and
         encode each at its first use (ensure_embedding), for a simulated vision worker."""
@@ -354,7 +336,7 @@ class FrameStore:
                 with self._lock:
                     self._background = None
 
-    def ensure_embedding(self, model, cached: CachedFrame) -> float:
+    def ensure_embedding(self, model: Model, cached: CachedFrame) -> float:
         """Encode a lazily cached frame now; returns the ms spent (0 if it had its embedding).
         Raises ImageError when it cannot be decoded or encoded."""
         with self.vision_lock:
@@ -364,7 +346,7 @@ class FrameStore:
             cached.embedding, cached.vision_ms, cached.source = done.embedding, done.vision_ms, None
             return done.vision_ms
 
-    def encode_frame(self, model, frame: AnyFrame) -> Tuple[CachedFrame, bool]:
+    def encode_frame(self, model: Model, frame: AnyFrame) -> Tuple[CachedFrame, bool]:
         """The cached frame for `frame`, encoding it now if nobody has. Returns (cached, encoded_now).
         Raises ImageError when the frame cannot be decoded or encoded."""
         if frame.encoded:
@@ -380,18 +362,12 @@ class FrameStore:
             cached = self._encode(model, [frame], raise_errors=True)
             return cached[0], True
 
-    def _encode(self, model, frames: List[Frame], raise_errors: bool = False,
+    def _encode(self, model: Model, frames: List[Frame], raise_errors: bool = False,
                 keep: bool = True, abort: Optional[Abort] = None) -> List[CachedFrame]:
         ready: List[Tuple[Frame, np.ndarray]] = []
         for f in frames:
             try:
-                pixels, order = decode_frame(f)
-                # one channel order per batch: turn BGR into RGB here (cheap, contiguous copy)
-                if order == "bgr" and pixels.ndim == 3:
-                    pixels = np.ascontiguousarray(pixels[:, :, 2::-1])
-                elif pixels.ndim == 3 and pixels.shape[2] == 4:
-                    pixels = np.ascontiguousarray(pixels[:, :, :3])
-                ready.append((f, pixels))
+                ready.append((f, decode_frame(f)))      # RGB: one channel order for the whole batch
             except ImageError as e:
                 self.reject(f.camera, str(e), received=False)
                 if raise_errors:
@@ -399,7 +375,7 @@ class FrameStore:
         if not ready:
             return []
         try:
-            embeddings = model.encode([p for _, p in ready], "rgb", abort=abort)
+            embeddings = model.encode([p for _, p in ready], abort=abort)
         except EncodeAborted as e:
             e.frames = [f for f, _ in ready]    # to encode again (undecodable ones are counted already)
             raise

@@ -170,5 +170,5 @@ def generation_params(req: Request, cfg) -> GenerationParams:
         seed = cfg.seed
     if seed >= 2 ** 32:
         raise RequestError(f"seed must be in 0..2^32-1 (or negative), got {seed}")
-    return GenerationParams(max_new_tokens=n, temperature=t, top_p=p,
-                            seed=seed if seed >= 0 else None).validate()
+    # the remaining ranges (temperature, top_p) GenerationParams checks as it is made
+    return GenerationParams(max_new_tokens=n, temperature=t, top_p=p, seed=seed if seed >= 0 else None)

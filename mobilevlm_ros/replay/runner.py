@@ -23,6 +23,7 @@ from ..engine import annotate
 from ..engine.config import ConfigError, EngineConfig
 from ..engine.engine import Engine, SimClock
 from ..engine.frames import NS
+from ..engine.model import Model
 from ..engine.requests import Request, Result
 from ..ros.conversion import JPEG_FORMAT, raw_image, stamp_ns
 
@@ -75,14 +76,14 @@ class Replay:
     first use), and each question is submitted at its bag time and answered before the bag moves
     on, so frame choices and answers do not depend on this machine's speed."""
 
-    def __init__(self, bag, qf: QuestionsFile, model, base_params: GenerationParams, config: EngineConfig,
+    def __init__(self, bag, qf: QuestionsFile, model: Model, base_params: GenerationParams, config: EngineConfig,
                  out, answers_bag: Optional[BagWriter] = None, progress: Optional[bool] = None,
                  on_record: Optional[Callable[[dict], None]] = None):
         self.bag, self.qf, self.model = bag, qf, model
         self.out, self.answers_bag, self.progress = out, answers_bag, progress
         self.on_record = on_record
-        self.base = dataclasses.replace(base_params, **qf.defaults).validate()
-        self.params = {e.index: dataclasses.replace(self.base, **e.gen).validate() for e in qf.entries}
+        self.base = dataclasses.replace(base_params, **qf.defaults)     # RequestError if out of range
+        self.params = {e.index: dataclasses.replace(self.base, **e.gen) for e in qf.entries}
         self.start_ns, self.end_ns = bag.start_ns, bag.end_ns
         self.clock = SimClock(self.start_ns)
         self.engine = Engine(model, config, clock=self.clock, simulated=True)
@@ -268,7 +269,7 @@ def check_topics(bag, qf: QuestionsFile) -> None:
 
 
 
-def replay_bag(bag_path, qf: QuestionsFile, model_source: Callable[[], Any], base: GenerationParams,
+def replay_bag(bag_path, qf: QuestionsFile, model_source: Callable[[], Model], base: GenerationParams,
                config: EngineConfig, out, answers_bag=None, progress: Optional[bool] = None,
                on_record: Optional[Callable[[dict], None]] = None) -> Tuple[dict, List[dict]]:
     """Replay one bag into `out` (a text stream, or a path: created once the model is loaded):

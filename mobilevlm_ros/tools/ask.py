@@ -61,7 +61,7 @@ def load_from_args(a):
 def params_from_args(a):
     from ..core.generation import GenerationParams
     return GenerationParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                            seed=a.seed).validate()
+                            seed=a.seed)                    # RequestError naming a bad setting
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,8 @@ class Decoder(ABC):
                  cancel: Optional[Callable[[], bool]] = None) -> Generation:
         """Answer `prompt` with `image` in its slot. Thread-compatible, not thread-safe: callers
         serialise calls (the node has one generation worker). The loop and its timings are the same
-        for every decoder; each gives its evaluation steps through _turn."""
-        params.validate()
+        for every decoder; each gives its evaluation steps through _turn. `params` checked itself
+        when it was made."""
         out = AnswerBuilder(self.tok, params, on_token, cancel)
         t0 = time.perf_counter()
         turn = self._turn(prompt, image, params)        # the frame's state in place (cached or evaluated)
