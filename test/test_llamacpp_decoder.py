@@ -257,7 +257,7 @@ def test_question_batch_padding(v2, dec, monkeypatch):
     img = v2.images[0]
     words = "is there a red cup on the table near the door or not at all today".split()
     want_len = {m - k for m in (16, 32) for k in range(1, mod.PAD_MAX + 1)}
-    assert dec.context.pad_max == mod.PAD_MAX_BY_LIBRARY[dec.library]        # ik_llama.cpp: no padding
+    assert dec.pad_max == mod.PAD_MAX_BY_LIBRARY[dec.library]        # ik_llama.cpp: no padding
     found = []
     for n in range(1, len(words) + 1):
         p = v2.prompt(" ".join(words[:n]) + "?", img)
@@ -266,7 +266,7 @@ def test_question_batch_padding(v2, dec, monkeypatch):
     assert found, "no question of a padded length"
 
     def first_logits(p, pad):
-        monkeypatch.setattr(dec.context, "pad_max", mod.PAD_MAX if pad else 0)
+        monkeypatch.setattr(dec, "pad_max", mod.PAD_MAX if pad else 0)
         pos, skip = dec.place(p, img)
         dec.context.question(p.suffix[skip:], pos)
         out = dec.context.logits().copy()
@@ -277,7 +277,7 @@ def test_question_batch_padding(v2, dec, monkeypatch):
         plain, top_plain, _ = first_logits(p, False)
         assert top == top_plain == last                                   # the padding's cells are gone
         assert np.abs(padded - plain).max() / plain.std() < 0.01
-        monkeypatch.setattr(dec.context, "pad_max", mod.PAD_MAX)
+        monkeypatch.setattr(dec, "pad_max", mod.PAD_MAX)
         a = dec.generate(p, img, GREEDY16).ids
         dec.clear_cache()
         assert dec.generate(p, img, GREEDY16).ids == a

@@ -157,6 +157,16 @@ class LlamaCppDecoder(Decoder):
         self._check_open()
         self.kv.clear()
 
+    @property
+    def pad_max(self) -> int:
+        """How many tokens a question batch may be padded by (llama_batch.padded_length; 0: none);
+        settable (mobilevlm-bench batches times both)."""
+        return self.context.pad_max
+
+    @pad_max.setter
+    def pad_max(self, value: int) -> None:
+        self.context.pad_max = int(value)
+
     def cached_state_bytes(self) -> int:
         """Host memory held by the cached KV states (prefix and frames) and their spare buffers."""
         return self.kv.nbytes()
