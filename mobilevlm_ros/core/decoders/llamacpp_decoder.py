@@ -239,8 +239,8 @@ class LlamaCppDecoder(Decoder):
         self._check_open()
         embeds = self._check_request(prompt, image)
         try:
-            frame, cached, prefix_ms = self._frame_state(prompt, image, embeds)
-            pos, skip = self.kv.place(frame, prompt.suffix, self.frame_tail)
+            state, cached, prefix_ms = self._frame_state(prompt, image, embeds)
+            pos, skip = self.kv.place(state, prompt.suffix, self.frame_tail)
         except BaseException:
             self.kv.changed()
             raise
@@ -261,18 +261,18 @@ class LlamaCppDecoder(Decoder):
             kv.prefix = (tuple(prompt.prefix), kv.save(len(prompt.prefix)))
             prefix_ms = (time.perf_counter() - t) * 1e3
         key = (image.key, kv.prefix[0])
-        frame = kv.frames.get_fresh(key)
-        if frame is not None:
-            return frame, True, prefix_ms
+        state = kv.frames.get_fresh(key)
+        if state is not None:
+            return state, True, prefix_ms
         prefix = kv.prefix[1]
         kv.restore(prefix)
         kv.changed()
         if self._tail_rows is not None:
             embeds = np.concatenate([embeds, self._tail_rows])
         self.context.embeds(embeds, prefix.n_pos, interrupt)
-        frame = kv.save(prefix.n_pos + embeds.shape[0])
-        kv.frames.put(key, frame)
-        return frame, False, prefix_ms
+        state = kv.save(prefix.n_pos + embeds.shape[0])
+        kv.frames.put(key, state)
+        return state, False, prefix_ms
 
     def _load_frame_tail(self) -> tuple[tuple[int, ...], Optional[np.ndarray]]:
         """The frame tail's ids and token-embedding rows, float32 [n, n_embd], from the GGUF's
@@ -327,7 +327,7 @@ __all__ = ["LlamaCppDecoder", "DEFAULT_N_BATCH"]
 
 
 class _LlamaTurn(Turn):
-    """An answer on a decoder's context, from the restored frame state at position `pos`."""
+    """An answer on a decoder's context, from the restored KV state of its frame at position `pos`."""
 
     def __init__(self, context: LlamaContext, pos: int, skip: int, cached: bool, sampler, timings: dict):
         self.context, self.pos, self.skip, self.frame_cached = context, pos, skip, cached
