@@ -17,7 +17,7 @@ engine, n, timeout = (sys.argv[1:] + ["ik_llama.cpp", "300", "60"][len(sys.argv)
 faulthandler.dump_traceback_later(float(timeout), exit=True)
 art = pathlib.Path(__file__).resolve().parent.parent / "models" / "tiny-v2-artifacts"
 tok = Tokenizer(str(art / "tokenizer.model"))
-d = LlamaCppDecoder(art / "llm-f16.gguf", tok, engine=engine, threads=2, frame_tail=True)
+d = LlamaCppDecoder(art / "llm-f16.gguf", tok, library=engine, threads=2, frame_tail=True)
 rng = np.random.default_rng(0)
 for i in range(int(n)):
     img = ImageEmbedding(rng.standard_normal((144, d.n_embd)).astype(np.float32))

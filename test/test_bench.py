@@ -98,7 +98,7 @@ def test_batch_sizes_are_parsed_or_refused():
 def test_batches_bench_pads_as_the_decoder_does(tmp_path, tiny_v2_artifacts):
     """Every size is timed both ways, and the 'evaluated' column is the decoder's own padding rule:
     up to PAD_MAX short of a multiple of 16 goes to it, the rest as it is."""
-    from mobilevlm_ros.core.decoders.llamacpp_decoder import PAD_MAX
+    from mobilevlm_ros.core.decoders.llama_batch import PAD_MAX
     out = tmp_path / "batches"
     rc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.bench", "batches", "--model",
                          str(tiny_v2_artifacts), "--quant", "f16", "--sizes", "10-17", "--repeats", "1",

@@ -32,7 +32,8 @@ import gguf  # noqa: E402
 import torch  # noqa: E402
 
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder, engines_option  # noqa: E402
+from mobilevlm_ros.core.decoders.llama_library import libraries_option  # noqa: E402
+from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder  # noqa: E402
 from mobilevlm_ros.core.decoders.torch_decoder import TorchDecoder  # noqa: E402
 from mobilevlm_ros.core.errors import RequestError  # noqa: E402
 from mobilevlm_ros.core.generation import GenerationParams  # noqa: E402
@@ -42,6 +43,7 @@ from mobilevlm_ros.core.prompt import build_prompt  # noqa: E402
 from mobilevlm_ros.core.tokenizer import BPETokenizer, Tokenizer, load_tokenizer  # noqa: E402
 from mobilevlm_ros.core.vision import TorchVision  # noqa: E402
 from mobilevlm_ros.tools.bench import fidelity  # noqa: E402
+from mobilevlm_ros.tools.bench.fidelity import teacher_forced_logits  # noqa: E402
 from mobilevlm_ros.tools.bench.common import cpu_model  # noqa: E402
 from mobilevlm_ros.tools.make_tiny import make_smollm2_checkpoint, smollm2_gguf  # noqa: E402
 from logit_checks import MarginTally  # noqa: E402
@@ -221,8 +223,8 @@ def test_llama_cpp_f16_matches_the_reference(world, bench):
             for q in QUESTIONS:
                 p = build_prompt(tok, q, img.embeds.shape[0])
                 ids = ref.generate(p, img, GREEDY16).ids
-                want = ref.teacher_forced_logits(p, img, ids)
-                got = d.teacher_forced_logits(p, img, ids)
+                want = teacher_forced_logits(ref, p, img, ids)
+                got = teacher_forced_logits(d, p, img, ids)
                 tally.add(want, got)
     finally:
         d.close()
@@ -239,7 +241,7 @@ def test_tied_embeddings_are_honoured(world, bench, tmp_path):
     p = build_prompt(tok, QUESTIONS[0], img.embeds.shape[0])
     ids = world["torch"].generate(p, img, GREEDY16).ids
     used = set(p.prefix) | set(p.suffix) | set(ids)
-    base = world["torch"].teacher_forced_logits(p, img, ids)
+    base = teacher_forced_logits(world["torch"], p, img, ids)
     far = (np.abs(base) / base.std(axis=1, keepdims=True)).min(axis=0)       # |logit| in stds, everywhere
     far[list(used)] = -1
     t = int(far.argmax())
@@ -249,7 +251,7 @@ def test_tied_embeddings_are_honoured(world, bench, tmp_path):
     state["model.embed_tokens.weight"] = emb
     others = np.ones(base.shape[1], bool)
     others[t] = False
-    ref = TorchDecoder.from_state(ckpt.config.llm, state, tok).teacher_forced_logits(p, img, ids)
+    ref = teacher_forced_logits(TorchDecoder.from_state(ckpt.config.llm, state, tok), p, img, ids)
     np.testing.assert_allclose(ref[:, others], base[:, others], atol=1e-3 * base.std())
     np.testing.assert_allclose(ref[:, t], 4 * base[:, t], rtol=1e-3, atol=1e-3 * base.std())
     section = export_gguf(dataclasses.replace(ckpt, state=state), tmp_path, ["f16"])
@@ -257,7 +259,7 @@ def test_tied_embeddings_are_honoured(world, bench, tmp_path):
     for path in (bench["art"] / "llm-f16.gguf", tmp_path / section["f16"]["file"]):   # as is, perturbed
         d = LlamaCppDecoder(path, tok, threads=2, n_ctx=512)
         try:
-            logits.append(d.teacher_forced_logits(p, img, ids))
+            logits.append(teacher_forced_logits(d, p, img, ids))
         finally:
             d.close()
     before, after = logits
@@ -283,7 +285,7 @@ def test_new_quant_types_export_and_load(tiny_v2, tmp_path):
     img = TorchVision(ckpt).encode([synthetic_frame(240, 320, 0)])[0]
     p = build_prompt(tok, QUESTIONS[0], img.embeds.shape[0])
     ids = ref.generate(p, img, GREEDY16).ids
-    want = ref.teacher_forced_logits(p, img, ids)
+    want = teacher_forced_logits(ref, p, img, ids)
     expect = {"q4_0": "Q4_0", "iq4_xs": "IQ4_XS", "q5_k_m": "Q5_K"}
     for q in new:
         path = tmp_path / section[q]["file"]
@@ -293,7 +295,7 @@ def test_new_quant_types_export_and_load(tiny_v2, tmp_path):
         d = LlamaCppDecoder(path, tok, quant=q, threads=2, frame_tail=True)
         try:
             assert d.frame_tail == p.suffix[:2]         # its token_embd rows dequantize exactly
-            got = d.teacher_forced_logits(p, img, ids)
+            got = teacher_forced_logits(d, p, img, ids)
             g = d.generate(p, img, GenerationParams(max_new_tokens=4, min_new_tokens=4))
         finally:
             d.close()
@@ -309,7 +311,7 @@ def test_fidelity_bench_figures_are_sane(bench):
     md = (out / "fidelity.md").read_text(encoding="utf-8")
     assert cpu_model() in md and "| f16 |" in md and "| q4_0 |" in md
     assert res["settings"]["prompts"] == 4 and res["machine"]["cpu"] == cpu_model()
-    engines = engines_option()                                 # every installed engine, per quant
+    engines = libraries_option()                               # every installed engine, per quant
     assert [(r["quant"], r["engine"]) for r in res["quants"]] == [(q, e) for q in BENCH_QUANTS.split(",")
                                                                   for e in engines]
     for engine in engines:

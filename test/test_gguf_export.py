@@ -152,7 +152,8 @@ def test_tensor_names():
 def test_llama_cpp_loads_every_file_and_tokenizes_like_sentencepiece(gguf_v2):
     import llama_cpp as lc
 
-    from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder, route_llama_logs
+    from mobilevlm_ros.core.decoders.llama_log import route_llama_logs
+    from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder
     from mobilevlm_ros.core.prompt import build_prompt
     ckpt, out, section, _ = gguf_v2
     tok = Tokenizer(ckpt.tokenizer_path)
@@ -226,13 +227,11 @@ def _torch_logits(ckpt, ids):
 
 
 def _llama_logits(path, tok, ids):
-    import llama_cpp as lc
-
     from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder
     dec = LlamaCppDecoder(path, tok, threads=2, n_ctx=256, max_cached_frames=1)
     try:
-        dec._decode_tokens(ids, 0, logits=True)
-        return np.ctypeslib.as_array(lc.llama_get_logits_ith(dec._ctx, -1), shape=(dec.n_vocab,)).copy()
+        dec.context.tokens(ids, 0, logits=True)
+        return dec.context.logits().copy()
     finally:
         dec.close()
 

@@ -1,5 +1,5 @@
 """LlamaCppDecoder: the GGUF decoder against the torch reference, and its determinism contract.
-Every test that takes the `v2` world runs once per installed engine (llama.cpp, ik_llama.cpp).
+Every test that takes the `v2` world runs once per installed library (llama.cpp, ik_llama.cpp).
 
 Two kinds of checks, never mixed:
 - Different arithmetic (llama.cpp F16 / Q8_0 vs the float32 torch reference) is compared through
@@ -10,7 +10,7 @@ Two kinds of checks, never mixed:
   logits have near-ties that any rounding flips.
 - The same decoder along different paths (prefilled or not, other frames cached or not, another
   question before, an interrupted prefill, eviction and re-evaluation) must give identical ids:
-  that is the contract (every evaluation runs in one fixed KV layout, see llamacpp_decoder.py).
+  that is the contract (every evaluation runs in one fixed KV layout, see core/decoders/kv_states.py).
 """
 import copy
 import logging
@@ -28,7 +28,9 @@ for _mod in ("llama_cpp", "gguf"):
         pytest.skip(_reason, allow_module_level=True)
 
 from mobilevlm_ros.core.checkpoint import load_checkpoint  # noqa: E402
-from mobilevlm_ros.core.decoders.llamacpp_decoder import ENGINES, LlamaCppDecoder, engines_option  # noqa: E402
+from mobilevlm_ros.core.decoders import llama_batch, llama_library  # noqa: E402
+from mobilevlm_ros.core.decoders.llama_library import LLAMA_LIBRARIES, libraries_option  # noqa: E402
+from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder  # noqa: E402
 from mobilevlm_ros.core.decoders.torch_decoder import TorchDecoder  # noqa: E402
 from mobilevlm_ros.core.errors import ModelLoadError, RequestError  # noqa: E402
 from mobilevlm_ros.core.generation import GenerationParams  # noqa: E402
@@ -37,6 +39,7 @@ from mobilevlm_ros.core.pipeline import LoadOptions  # noqa: E402
 from mobilevlm_ros.core.prompt import PromptIds, build_prompt  # noqa: E402
 from mobilevlm_ros.core.tokenizer import Tokenizer  # noqa: E402
 from mobilevlm_ros.core.vision import ImageEmbedding, TorchVision  # noqa: E402
+from mobilevlm_ros.tools.bench.fidelity import teacher_forced_logits  # noqa: E402
 from logit_checks import MarginTally, position_errors  # noqa: E402
 from models_fixtures import synthetic_frame, tiny_v1, tiny_v2  # noqa: E402,F401
 
@@ -44,10 +47,10 @@ QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many
 GREEDY16 = GenerationParams(max_new_tokens=16)
 F16_ANSWER_BOUND = 0.90
 Q8_FIRST_TOKEN_BOUND = 0.80
-ENGINES_HERE = engines_option()
-for _e in ENGINES:
-    if _e not in ENGINES_HERE:
-        print(f"test_llamacpp_decoder: engine {_e} not tested: it is not installed (llama-cpp-python; "
+LIBRARIES_HERE = libraries_option()
+for _e in LLAMA_LIBRARIES:
+    if _e not in LIBRARIES_HERE:
+        print(f"test_llamacpp_decoder: library {_e} not tested: it is not installed (llama-cpp-python; "
               "ik_llama.cpp: scripts/build-ik-llama.sh)")
 
 
@@ -65,12 +68,12 @@ class World:
         self.images = vision.encode(frames)
         self.torch = TorchDecoder.from_state(self.ckpt.config.llm, self.ckpt.state, self.tok)
         self._ref, self._fresh = {}, {}
-        self.engine = "llama.cpp"
+        self.library = "llama.cpp"
 
-    def on(self, engine):
-        """This world with decoders of `engine` (files, frames and caches shared)."""
+    def on(self, library):
+        """This world with decoders of `library` (files, frames and caches shared)."""
         view = copy.copy(self)
-        view.engine = engine
+        view.library = library
         return view
 
     def path(self, quant):
@@ -79,7 +82,7 @@ class World:
     def decoder(self, quant="f16", **kw):
         kw.setdefault("threads", 2)
         kw.setdefault("frame_tail", True)       # off by default; the contract must hold with it too
-        kw.setdefault("engine", self.engine)
+        kw.setdefault("library", self.library)
         return LlamaCppDecoder(self.path(quant), self.tok, quant=quant, **kw)
 
     def prompt(self, question, image=None):
@@ -88,7 +91,7 @@ class World:
 
     def fresh(self, i, question, quant="f16"):
         """The contract's baseline: a new decoder, nothing cached, the frame evaluated by its question."""
-        key = (self.engine, quant, i, question)
+        key = (self.library, quant, i, question)
         if key not in self._fresh:
             d = self.decoder(quant)
             try:
@@ -112,14 +115,14 @@ def worlds(tiny_v1, tiny_v2, tmp_path_factory):
             "v2": World(tiny_v2, tmp_path_factory.mktemp("llm-v2"))}
 
 
-@pytest.fixture(scope="module", params=ENGINES_HERE)
-def engine(request):
+@pytest.fixture(scope="module", params=LIBRARIES_HERE)
+def library(request):
     return request.param
 
 
 @pytest.fixture(scope="module")
-def v2(worlds, engine):
-    return worlds["v2"].on(engine)
+def v2(worlds, library):
+    return worlds["v2"].on(library)
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +137,14 @@ def _forced(world, dec, i, question):
     img = world.images[i]
     p = world.prompt(question, img)
     ref_ids = world.reference(i, question).ids
-    return world.torch.teacher_forced_logits(p, img, ref_ids), dec.teacher_forced_logits(p, img, ref_ids), ref_ids
+    return teacher_forced_logits(world.torch, p, img, ref_ids), teacher_forced_logits(dec, p, img, ref_ids), ref_ids
 
 
 @pytest.mark.parametrize("quant,bound,min_decided", [("f16", 0.03, 0.8), ("q8_0", 0.30, 0.25)])
-def test_logits_match_the_reference_within_rounding(worlds, engine, quant, bound, min_decided):
+def test_logits_match_the_reference_within_rounding(worlds, library, quant, bound, min_decided):
     tally = MarginTally()
     for name, w in worlds.items():
-        d = w.on(engine).decoder(quant)
+        d = w.on(library).decoder(quant)
         try:
             for i in range(len(w.images)):
                 for q in QUESTIONS:
@@ -150,7 +153,7 @@ def test_logits_match_the_reference_within_rounding(worlds, engine, quant, bound
                     assert corr > 0.99, (name, i, q, corr)
         finally:
             d.close()
-    print(f"\n[{engine} {quant}] teacher-forced: {tally.summary(bound)}")
+    print(f"\n[{library} {quant}] teacher-forced: {tally.summary(bound)}")
     assert tally.worst < bound
     assert tally.flipped == 0
     assert tally.decided >= min_decided * tally.positions   # the check is not vacuous
@@ -162,7 +165,7 @@ def test_missing_rotary_permutation_is_caught(v2, tmp_path, monkeypatch):
     import mobilevlm_ros.core.gguf_export as ge
     monkeypatch.setattr(ge, "permute_qk", lambda w, n: w)
     bad = ge.export_gguf(v2.ckpt, tmp_path, ["f16"])
-    d = LlamaCppDecoder(tmp_path / bad["f16"]["file"], v2.tok, threads=2, engine=v2.engine)
+    d = LlamaCppDecoder(tmp_path / bad["f16"]["file"], v2.tok, threads=2, library=v2.library)
     try:
         errs = [float(position_errors(*_forced(v2, d, i, QUESTIONS[0])[:2]).max()) for i in range(4)]
     finally:
@@ -229,8 +232,8 @@ def test_frame_tail_goes_with_the_image(v2, dec):
             img = v2.images[i]
             p = v2.prompt(QUESTIONS[1], img)
             ids = dec.generate(p, img, GREEDY16).ids
-            want = plain.teacher_forced_logits(p, img, ids)
-            got = dec.teacher_forced_logits(p, img, ids)
+            want = teacher_forced_logits(plain, p, img, ids)
+            got = teacher_forced_logits(dec, p, img, ids)
             assert got.shape == want.shape
             assert np.abs(got - want).max() / want.std() < 0.01
             odd = PromptIds(p.prefix, p.suffix[1:], p.image_tokens)      # starts with "\n", not "▁"
@@ -239,8 +242,8 @@ def test_frame_tail_goes_with_the_image(v2, dec):
             dec.clear_cache()
             assert dec.generate(odd, img, GREEDY16).ids == first.ids       # frame evaluated for it
             assert dec.generate(p, img, GREEDY16).ids == ids               # and the tail is back
-            want = plain.teacher_forced_logits(odd, img, first.ids)
-            got = dec.teacher_forced_logits(odd, img, first.ids)
+            want = teacher_forced_logits(plain, odd, img, first.ids)
+            got = teacher_forced_logits(dec, odd, img, first.ids)
             assert np.abs(got - want).max() / want.std() < 0.01
     finally:
         plain.close()
@@ -250,11 +253,11 @@ def test_question_batch_padding(v2, dec, monkeypatch):
     """A question batch up to PAD_MAX short of a multiple of 16 is padded with copies of its last token
     (faster kernels) whose cells are removed: the same logits as unpadded within rounding, nothing
     left in the KV cache past the question, and the same answer on every path."""
-    from mobilevlm_ros.core.decoders import llamacpp_decoder as mod
+    mod = llama_batch
     img = v2.images[0]
     words = "is there a red cup on the table near the door or not at all today".split()
     want_len = {m - k for m in (16, 32) for k in range(1, mod.PAD_MAX + 1)}
-    assert dec.pad_max == mod.PAD_MAX_BY_ENGINE[dec.engine]        # ik_llama.cpp: no padding
+    assert dec.pad_max == mod.PAD_MAX_BY_LIBRARY[dec.library]        # ik_llama.cpp: no padding
     found = []
     for n in range(1, len(words) + 1):
         p = v2.prompt(" ".join(words[:n]) + "?", img)
@@ -264,12 +267,10 @@ def test_question_batch_padding(v2, dec, monkeypatch):
 
     def first_logits(p, pad):
         monkeypatch.setattr(dec, "pad_max", mod.PAD_MAX if pad else 0)
-        frame, _, _ = dec._frame_state(p, img, img.embeds)
-        pos, skip = dec._place(frame, p)
-        dec._decode_question(p.suffix[skip:], pos)
-        out = dec._logits().copy()
-        top = dec.lc.llama_memory_seq_pos_max(dec._mem, 0)
-        dec._loaded = None
+        pos, skip = dec.place(p, img)
+        dec.context.question(p.suffix[skip:], pos)
+        out = dec.context.logits().copy()
+        top = dec.llama.llama_memory_seq_pos_max(dec.kv.mem, 0)
         return out, top, pos + len(p.suffix) - skip - 1
     for p in found:
         padded, top, last = first_logits(p, True)
@@ -292,8 +293,8 @@ def test_image_longer_than_n_batch(v2, dec):
             img = v2.images[i]
             p = v2.prompt(QUESTIONS[1], img)
             ids = dec.generate(p, img, GREEDY16).ids
-            want = dec.teacher_forced_logits(p, img, ids)
-            got = d.teacher_forced_logits(p, img, ids)
+            want = teacher_forced_logits(dec, p, img, ids)
+            got = teacher_forced_logits(d, p, img, ids)
             assert np.abs(got - want).max() / want.std() < 0.01
             assert d.generate(p, img, GREEDY16).ids == d.generate(p, img, GREEDY16).ids
     finally:
@@ -314,10 +315,10 @@ def test_lru_eviction(v2):
         assert again.timings["evaluated_prompt_tokens"] == again_prompt.image_tokens + len(again_prompt.suffix)
         assert again.ids == ans[0].ids                                       # into a recycled buffer
         assert d.cached_frames() == [imgs[1].key, imgs[0].key]
-        frame_bytes = next(iter(d._frames.values())).nbytes
+        frame_bytes = next(iter(d.kv.frames.values())).nbytes
         for im in v2.images:                                               # evictions: buffers reused
             d.generate(v2.prompt(QUESTIONS[1], im), im, GREEDY16)
-        assert len(d._spare) <= 1 and d.cached_state_bytes() <= d._prefix[1].nbytes + 3 * frame_bytes
+        assert len(d.kv.spare) <= 1 and d.cached_state_bytes() <= d.kv.prefix[1].nbytes + 3 * frame_bytes
         d.clear_cache()
         assert d.generate(again_prompt, imgs[0], GREEDY16).ids == ans[0].ids
     finally:
@@ -491,14 +492,14 @@ def test_bad_requests(v2, dec):
 
 def test_load_errors_and_close(v2, tmp_path):
     with pytest.raises(ModelLoadError, match="missing file"):
-        LlamaCppDecoder(tmp_path / "nope.gguf", v2.tok, engine=v2.engine)
+        LlamaCppDecoder(tmp_path / "nope.gguf", v2.tok, library=v2.library)
     (tmp_path / "text.gguf").write_text("hello, not a model\n" * 100)
     with pytest.raises(ModelLoadError, match="not a GGUF"):
-        LlamaCppDecoder(tmp_path / "text.gguf", v2.tok, engine=v2.engine)
+        LlamaCppDecoder(tmp_path / "text.gguf", v2.tok, library=v2.library)
     data = v2.path("q8_0").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="could not load"):
-        LlamaCppDecoder(tmp_path / "cut.gguf", v2.tok, engine=v2.engine)
+        LlamaCppDecoder(tmp_path / "cut.gguf", v2.tok, library=v2.library)
     with pytest.raises(ModelLoadError, match="max_cached_frames"):
         v2.decoder("q8_0", max_cached_frames=0)
     # artifacts: the manifest names the file; a missing quant and a mismatched model are explained
@@ -522,9 +523,9 @@ def test_threads_and_logging(v2, caplog):
         d = v2.decoder("q4_k_m", threads=1, threads_batch=2)
     try:
         assert (d.threads, d.threads_batch) == (1, 2)
-        assert d.lc.llama_n_threads(d._ctx) == 1 and d.lc.llama_n_threads_batch(d._ctx) == 2
-        if d.engine == "llama.cpp":     # ik_llama.cpp's llama_n_seq_max returns the KV size (old llama.cpp's)
-            assert d.lc.llama_n_seq_max(d._ctx) == 1         # one sequence: the fixed KV layout
+        assert d.llama.llama_n_threads(d.context.ctx) == 1 and d.llama.llama_n_threads_batch(d.context.ctx) == 2
+        if d.library == "llama.cpp":     # ik_llama.cpp's llama_n_seq_max returns the KV size (old llama.cpp's)
+            assert d.llama.llama_n_seq_max(d.context.ctx) == 1         # one sequence: the fixed KV layout
         assert any("n_ctx" in r.getMessage() for r in caplog.records)     # the library's log is routed
         img = v2.images[0]
         g = d.generate(v2.prompt(QUESTIONS[0], img), img, GREEDY16)
@@ -548,7 +549,7 @@ def test_weight_layout_avoids_amx(v2, caplog):
     Repacked weights are read, not mapped (the mapped pages would stay resident beside the copy)."""
     import llama_cpp as lc
 
-    from mobilevlm_ros.core.decoders.llamacpp_decoder import cpu_has_amx
+    from mobilevlm_ros.core.decoders.llama_library import cpu_has_amx
 
     def buffers(records):
         return [r.getMessage() for r in records if "model buffer size" in r.getMessage()]
@@ -557,7 +558,7 @@ def test_weight_layout_avoids_amx(v2, caplog):
         with open("/proc/self/maps", encoding="utf-8") as f:
             return str(v2.path("q4_k_m")) in f.read()
 
-    if v2.engine == "ik_llama.cpp":             # no AMX code; repacked at load, so read, not mapped
+    if v2.library == "ik_llama.cpp":             # no AMX code; repacked at load, so read, not mapped
         d = v2.decoder("q4_k_m")
         try:
             assert d.extra_buffers and not d.mmap and not mapped()
@@ -595,8 +596,8 @@ def test_weight_layout_avoids_amx(v2, caplog):
 def test_auto_falls_back_when_the_ik_build_does_not_load(v2, tmp_path, monkeypatch, caplog):
     """auto with an ik_llama.cpp build that this CPU could run but that does not load (a damaged
     file): llama.cpp, the reason logged; asked for by name: the error."""
-    if v2.engine != "llama.cpp":
-        pytest.skip("engine-independent: runs once, with the llama.cpp world")
+    if v2.library != "llama.cpp":
+        pytest.skip("library-independent: runs once, with the llama.cpp world")
     from mobilevlm_ros.core.decoders import ik_llama_api, ik_llama_lib
     for name in ("libllama.so", "libggml.so"):
         (tmp_path / name).write_bytes(b"damaged")
@@ -609,37 +610,37 @@ def test_auto_falls_back_when_the_ik_build_does_not_load(v2, tmp_path, monkeypat
     with caplog.at_level(logging.INFO, logger="mobilevlm_ros"):
         d = LlamaCppDecoder.from_artifacts(v2.out, manifest, v2.tok, LoadOptions(quant="q8_0", threads=1))
     try:
-        assert d.engine == "llama.cpp"
+        assert d.library == "llama.cpp"
         assert any("auto: the ik_llama.cpp library" in r.getMessage() and "does not load" in r.getMessage()
                    for r in caplog.records)
     finally:
         d.close()
     with pytest.raises(ModelLoadError, match="does not load"):
-        LlamaCppDecoder(v2.path("q8_0"), v2.tok, engine="ik_llama.cpp")
+        LlamaCppDecoder(v2.path("q8_0"), v2.tok, library="ik_llama.cpp")
 
 
-def test_engine_choice(monkeypatch):
+def test_library_choice(monkeypatch):
     """auto: ik_llama.cpp for a CPU-only decoder where it is built and the CPU has every
     instruction-set flag of the CPU it was built for; llama.cpp otherwise (GPU layers: the build
     users make for their GPU)."""
-    from mobilevlm_ros.core.decoders import llamacpp_decoder as mod
-    monkeypatch.setattr(mod, "engine_available", lambda e: True)
+    mod = llama_library
+    monkeypatch.setattr(mod, "library_available", lambda e: True)
     monkeypatch.setattr(mod, "_ik_build_info", lambda: {"cpu_flags": ["sse2", "avx", "avx2", "fma", "f16c"]})
     monkeypatch.setattr(mod, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma", "f16c"})
-    assert mod.choose_engine("auto", 0)[0] == "ik_llama.cpp"
-    assert mod.choose_engine("auto", -1) == ("llama.cpp", "auto: layers offloaded to a GPU")
-    assert mod.choose_engine("llama.cpp", 0) == ("llama.cpp", "asked for")
-    assert mod.choose_engine("ik_llama.cpp", 99)[0] == "ik_llama.cpp"
+    assert mod.choose_library("auto", 0)[0] == "ik_llama.cpp"
+    assert mod.choose_library("auto", -1) == ("llama.cpp", "auto: layers offloaded to a GPU")
+    assert mod.choose_library("llama.cpp", 0) == ("llama.cpp", "asked for")
+    assert mod.choose_library("ik_llama.cpp", 99)[0] == "ik_llama.cpp"
     monkeypatch.setattr(mod, "_cpu_flags", lambda: {"sse2", "avx"})
-    engine, why = mod.choose_engine("auto", 0)
-    assert engine == "llama.cpp" and "avx2, f16c, fma" in why
-    monkeypatch.setattr(mod, "engine_available", lambda e: e == "llama.cpp")
-    assert mod.choose_engine("auto", 0) == ("llama.cpp", "auto: ik_llama.cpp is not built in this venv "
+    library, why = mod.choose_library("auto", 0)
+    assert library == "llama.cpp" and "avx2, f16c, fma" in why
+    monkeypatch.setattr(mod, "library_available", lambda e: e == "llama.cpp")
+    assert mod.choose_library("auto", 0) == ("llama.cpp", "auto: ik_llama.cpp is not built in this venv "
                                                          "(opt-in: scripts/build-ik-llama.sh)")
-    with pytest.raises(ModelLoadError, match="unknown llama.cpp engine 'vllm'"):
-        mod.choose_engine("vllm", 0)
+    with pytest.raises(ModelLoadError, match="unknown llama.cpp library 'vllm'"):
+        mod.choose_library("vllm", 0)
     # the benches' --engines: named ones, or every installed one
-    assert mod.engines_option("ik_llama.cpp, llama.cpp") == ["ik_llama.cpp", "llama.cpp"]
-    assert mod.engines_option("") == ["llama.cpp"]
-    with pytest.raises(ValueError, match=r"unknown engine \['vllm'\]"):
-        mod.engines_option("llama.cpp,vllm")
+    assert mod.libraries_option("ik_llama.cpp, llama.cpp") == ["ik_llama.cpp", "llama.cpp"]
+    assert mod.libraries_option("") == ["llama.cpp"]
+    with pytest.raises(ValueError, match=r"unknown library \['vllm'\]"):
+        mod.libraries_option("llama.cpp,vllm")

@@ -360,7 +360,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     except Exception as e:
         raise ModelLoadError(f"quantizing to {quant} needs llama-cpp-python, which does not import: "
                              f"{type(e).__name__}: {e}") from None
-    from .decoders.llamacpp_decoder import llama_log_tail, route_llama_logs
+    from .decoders.llama_log import llama_log_tail, route_llama_logs
     route_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]

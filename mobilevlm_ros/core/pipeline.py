@@ -24,20 +24,20 @@ log = logging.getLogger(__name__)
 
 VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DECODERS = ("torch", "llamacpp")
-LLAMACPP_ENGINES = ("llama.cpp", "ik_llama.cpp")     # the libraries the llamacpp decoder runs on
 QUANTS = ("f16", "q8_0", "q4_k_m", "q4_0", "iq4_xs", "q5_k_m")
 
 
 @dataclass
 class LlamaCppOptions:
     """What LlamaCppDecoder takes beyond LoadOptions' common fields (see its __init__)."""
-    n_ctx: int = 0                          # 0 = the model's training context
+    n_ctx: int = 1024                       # KV cells for one prompt and its answer (the buffer is
+                                            # resident whole); 0 = the model's training context
     n_batch: int = 512
     threads_batch: int = 0                  # 0 = threads
     extra_buffers: Optional[bool] = None    # None = repacked layouts unless the CPU backend has AMX
     mmap: Optional[bool] = None             # None = map unless the weights are repacked on the CPU
     flash_attn: Optional[bool] = None       # None = llama.cpp's choice
-    engine: str = "auto"                    # auto | LLAMACPP_ENGINES (see llamacpp_decoder.choose_engine)
+    library: str = "auto"                   # auto | decoders.llama_library.LLAMA_LIBRARIES (choose_library)
 
 
 @dataclass
@@ -61,8 +61,6 @@ class LoadOptions:
     vision_tower: Optional[str] = None  # explicit CLIP folder for V1 checkpoints
     onnx_providers: Optional[list] = None
     engine_cache: Optional[str] = None  # TensorRT engine / timing cache folder
-    n_ctx: int = 1024                   # llamacpp.n_ctx unless 0 (a node parameter): the KV buffer
-                                        # is resident whole, 1024 cells hold a prompt and answer
     llamacpp: LlamaCppOptions = field(default_factory=LlamaCppOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 

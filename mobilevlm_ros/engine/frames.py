@@ -38,7 +38,7 @@ from .images import compressed_to_rgb, raw_to_rgb
 from .model import Model
 from .stats import CameraStats
 
-NS = 1_000_000_000
+NS = 1_000_000_000          # nanoseconds a second: the one definition (ROS stamps, bag times)
 FUTURE_TOLERANCE_S = 1.0    # requested stamps up to this far ahead of the node clock are accepted
 
 _seq = itertools.count(1)

@@ -9,10 +9,9 @@ import array
 
 import numpy as np
 
+from ..engine.frames import NS
 from ..engine.images import RawImage, as_bytes
 from ..engine.requests import Request, Result
-
-NS = 1_000_000_000
 
 
 def stamp_ns(stamp) -> int:

@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from ..core.pipeline import LLAMACPP_ENGINES, LlamaCppOptions, LoadOptions, QUANTS
+from ..core.decoders.llama_library import LLAMA_LIBRARIES
+from ..core.pipeline import LlamaCppOptions, LoadOptions, QUANTS
 from ..engine.annotate import DEFAULT_JPEG_QUALITY
 from ..engine.config import EngineConfig, Spec, check_cameras
 
@@ -77,13 +78,13 @@ PARAMS = (
           "configure", choices=("auto", "torch", "llamacpp")),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
     _node("llamacpp_engine", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
-          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure", choices=("auto", *LLAMACPP_ENGINES)),
+          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure", choices=("auto", *LLAMA_LIBRARIES)),
     _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
           "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),
     _node("device", "cpu", "torch backends: cpu, cuda or cuda:N", "configure"),
     _node("gpu_layers", 0, "llama.cpp layers offloaded to the GPU; -1 = all", "configure", low=-1, high=100000),
-    _node("n_ctx", LoadOptions.n_ctx, "llama.cpp KV cells for one prompt and its answer; 0 = the model's training context",
+    _node("n_ctx", LlamaCppOptions.n_ctx, "llama.cpp KV cells for one prompt and its answer; 0 = the model's training context",
           "configure", low=0, high=1 << 20),
     # cameras
     _engine("cameras"),
@@ -128,5 +129,5 @@ def engine_config(values: Dict[str, Any]) -> EngineConfig:
 def load_options(values: Dict[str, Any]) -> LoadOptions:
     return LoadOptions(vision_backend=values["vision_backend"], decoder=values["decoder"], quant=values["quant"],
                        vision_dtype=values["vision_dtype"], device=values["device"], threads=values["threads"],
-                       gpu_layers=values["gpu_layers"], n_ctx=values["n_ctx"],
-                       llamacpp=LlamaCppOptions(engine=values["llamacpp_engine"]))
+                       gpu_layers=values["gpu_layers"],
+                       llamacpp=LlamaCppOptions(n_ctx=values["n_ctx"], library=values["llamacpp_engine"]))

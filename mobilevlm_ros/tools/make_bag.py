@@ -33,9 +33,9 @@ from ..replay.bagio import COMPRESSED, IMAGE, STORAGES, BagError, BagWriter
 from ..core.errors import ImageError, MobileVLMError
 from ..engine import images
 from ..engine.config import check_cameras
+from ..engine.frames import NS
 from .synthetic import render_frame
 
-NS = 1_000_000_000
 DEFAULT_START_S = 1_700_000_000.0      # a fixed, plausible wall-clock time: same args, same bag
 ENCODINGS = tuple(images.ENCODINGS)   # every raw encoding the node converts
 PROGRESS_MIN_FRAMES = 200              # a progress bar from this many frames on (on a terminal)

@@ -85,16 +85,6 @@ class Decoder(ABC):
         evaluated, False if it was cached already or `interrupt` (polled between chunks, where the
         decoder supports that) returned True first. Same threading rules as generate."""
 
-    def teacher_forced_logits(self, prompt: PromptIds, image: ImageEmbedding, ids=()):
-        """float32 numpy [len(ids) + 1, vocab]: row j holds the logits that predict ids[j] after the
-        prompt and ids[:j]; the last row predicts the token after all of them. For parity checks,
-        fidelity (KL divergence) and scoring fixed answers."""
-        raise NotImplementedError
-
-    def first_token_logits(self, prompt: PromptIds, image: ImageEmbedding):
-        """float32 numpy [vocab]: the logits of the first answer token."""
-        return self.teacher_forced_logits(prompt, image, ())[0]
-
     def cached_frames(self) -> list:
         """Keys (ImageEmbedding.key) of the frames whose image tokens are cached, least recently used
         first. Subclasses keep them in self._frames, a FrameCache keyed by (image key, prompt prefix).

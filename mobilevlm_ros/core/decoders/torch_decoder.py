@@ -61,8 +61,9 @@ class TorchDecoder(Decoder):
         return self.llm.embed(torch.tensor([list(ids)], device=self.device))
 
     @torch.inference_mode()
-    def _frame_kv(self, prompt: PromptIds, image: ImageEmbedding):
-        """KV after prefix + image tokens, and whether it came from the cache."""
+    def frame_kv(self, prompt: PromptIds, image: ImageEmbedding):
+        """KV after prefix + image tokens (evaluated now unless cached), and whether it came from
+        the cache; the first step of a teacher-forced measurement too (tools/bench/fidelity.py)."""
         key = (image.key, prompt.prefix)
         kv = self._frames.get_fresh(key)
         if kv is not None:
@@ -79,21 +80,14 @@ class TorchDecoder(Decoder):
                 interrupt: Optional[Callable[[], bool]] = None) -> bool:
         if interrupt is not None and interrupt():      # the image goes in one call: check once
             return False
-        return not self._frame_kv(prompt, image)[1]
-
-    @torch.inference_mode()
-    def teacher_forced_logits(self, prompt: PromptIds, image: ImageEmbedding, ids=()) -> np.ndarray:
-        kv, _ = self._frame_kv(prompt, image)
-        tokens = [*prompt.suffix, *(int(t) for t in ids)]
-        logits, _ = self.llm(self._ids(tokens), kv, last_only=False)
-        return logits[0, len(prompt.suffix) - 1:].float().cpu().numpy()
+        return not self.frame_kv(prompt, image)[1]
 
     def _turn(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams) -> "_TorchTurn":
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2 ** 32))
-        kv, cached = self._frame_kv(prompt, image)
+        kv, cached = self.frame_kv(prompt, image)
         return _TorchTurn(self, kv, cached, params, gen)
 
 

@@ -38,7 +38,7 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def run(a) -> dict:
-    from ...core.decoders.llamacpp_decoder import padded_length
+    from ...core.decoders.llama_batch import padded_length
     from ...core.generation import GenerationParams
     from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     from ...core.prompt import PromptIds
@@ -46,7 +46,7 @@ def run(a) -> dict:
 
     model = load_model(a.model, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp", quant=a.quant,
                                             threads=a.threads, vision_dtype="auto",
-                                            llamacpp=LlamaCppOptions(engine=a.engine)))
+                                            llamacpp=LlamaCppOptions(library=a.engine)))
     try:
         dec = model.decoder
         if not hasattr(dec, "pad_max"):
@@ -71,7 +71,7 @@ def run(a) -> dict:
         dec.pad_max = shipped_pad
         rows = [{"tokens": n, "evaluated": padded_length(n, shipped_pad),
                  "ms": stats(times[(n, True)]), "ms_unpadded": stats(times[(n, False)])} for n in sizes]
-        return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "engine": dec.engine,
+        return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "engine": dec.library,
                 "pad_max": shipped_pad, "engine_pad_max": dec.pad_max,
                 "repeats": a.repeats, "rows": rows, "machine": finish_machine(machine),
                 "decoder": dec.describe()}

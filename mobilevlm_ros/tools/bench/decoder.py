@@ -37,7 +37,6 @@ writes OUT/decoder.json, OUT/decoder.md and OUT/decoder.png.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -143,79 +142,56 @@ def _worker_export(job: dict) -> dict:
 class PureLlama:
     """llama.cpp's own speed: one plain context on the same model, a loop of llama_decode calls."""
 
-    def __init__(self, lc, model, n_embd: int, threads: int, n_ctx: int, n_batch: int):
-        self.lc = lc
-        cp = lc.llama_context_default_params()
+    def __init__(self, llama, model, n_embd: int, threads: int, n_ctx: int, n_batch: int):
+        from ...core.decoders.llama_batch import Batches
+        self.llama = llama
+        cp = llama.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
-        self.ctx = lc.llama_init_from_model(model, cp)
+        self.ctx = llama.llama_init_from_model(model, cp)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create the reference context")
-        self.mem = lc.llama_get_memory(self.ctx)
-        self.n_batch, self.n_embd = n_batch, n_embd
-        self.tok = lc.llama_batch_init(n_batch, 0, 1)
-        self.emb = lc.llama_batch_init(n_batch, n_embd, 1)
-        self.greedy = lc.llama_sampler_init_greedy()
+        self.mem = llama.llama_get_memory(self.ctx)
+        self.batches = Batches(llama, n_batch, n_embd)     # the decoder's batch builder: the same rows
+        self.greedy = llama.llama_sampler_init_greedy()
 
-    def _tokens(self, ids, pos0, last_logits):
-        b, lc = self.tok, self.lc
-        for s in range(0, len(ids), self.n_batch):
-            chunk = ids[s:s + self.n_batch]
-            for i, t in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + s + i, 1, 0
-                b.seq_id[i][0] = 0
-            b.logits[len(chunk) - 1] = int(last_logits and s + len(chunk) == len(ids))
-            b.n_tokens = len(chunk)
-            if lc.llama_decode(self.ctx, b) != 0:
-                raise RuntimeError("llama_decode failed in the reference loop")
-
-    def _embeds(self, e, pos0):
-        b, lc = self.emb, self.lc
-        for s in range(0, e.shape[0], self.n_batch):
-            chunk = e[s:s + self.n_batch]
-            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
-            for i in range(chunk.shape[0]):
-                b.pos[i], b.n_seq_id[i], b.logits[i] = pos0 + s + i, 1, 0
-                b.seq_id[i][0] = 0
-            b.n_tokens = chunk.shape[0]
-            if lc.llama_decode(self.ctx, b) != 0:
-                raise RuntimeError("llama_decode failed in the reference loop")
+    def _decode(self, batch):
+        if self.llama.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed in the reference loop")
 
     def run(self, prefix, embeds, suffix, n_gen: int) -> dict:
         """Prefix (untimed), then timed: image + suffix (pp), n_gen greedy tokens (tg)."""
-        lc = self.lc
-        lc.llama_memory_clear(self.mem, True)
-        self._tokens(list(prefix), 0, False)
+        from ...core.decoders.llama_batch import NO_LOGITS, last
+        llama, batches = self.llama, self.batches
+        llama.llama_memory_clear(self.mem, True)
+        for _, b in batches.token_chunks(prefix, 0, NO_LOGITS):
+            self._decode(b)
         pos = len(prefix)
         t0 = time.perf_counter()
-        self._embeds(embeds, pos)
+        for _, b in batches.embed_chunks(embeds, pos):
+            self._decode(b)
         pos += embeds.shape[0]
         t_image = time.perf_counter()
-        self._tokens(list(suffix), pos, True)
+        for _, b in batches.token_chunks(suffix, pos, last(len(suffix))):
+            self._decode(b)
         pos += len(suffix)
         t1 = time.perf_counter()
-        token = lc.llama_sampler_sample(self.greedy, self.ctx, -1)
+        token = llama.llama_sampler_sample(self.greedy, self.ctx, -1)
         t2 = time.perf_counter()
         for _ in range(n_gen - 1):
-            self.tok.token[0], self.tok.pos[0], self.tok.n_seq_id[0], self.tok.logits[0] = token, pos, 1, 1
-            self.tok.seq_id[0][0] = 0
-            self.tok.n_tokens = 1
-            if lc.llama_decode(self.ctx, self.tok) != 0:
-                raise RuntimeError("llama_decode failed in the reference loop")
+            self._decode(batches.fill_tokens((token,), pos, last(1)))
             pos += 1
-            token = lc.llama_sampler_sample(self.greedy, self.ctx, -1)
+            token = llama.llama_sampler_sample(self.greedy, self.ctx, -1)
         t3 = time.perf_counter()
         n_pp = embeds.shape[0] + len(suffix)
         return {"pp_tok_s": n_pp / (t1 - t0), "tg_tok_s": (n_gen - 1) / (t3 - t2),
                 "ttft_ms": (t2 - t0) * 1e3, "text_ms": (t2 - t_image) * 1e3}
 
     def close(self):
-        lc = self.lc
-        lc.llama_sampler_free(self.greedy)
-        lc.llama_batch_free(self.tok)
-        lc.llama_batch_free(self.emb)
-        lc.llama_free(self.ctx)
+        self.llama.llama_sampler_free(self.greedy)
+        self.batches.close()
+        self.llama.llama_free(self.ctx)
 
 
 def _worker_quant(job: dict) -> dict:
@@ -231,7 +207,7 @@ def _worker_quant(job: dict) -> dict:
     tok = load_tokenizer(job["tokenizer"])
     t0 = time.perf_counter()
     dec = LlamaCppDecoder(job["gguf"], tok, quant=quant, threads=job["threads"], n_ctx=job["n_ctx"],
-                          max_cached_frames=4, engine=job["engine"])
+                          max_cached_frames=4, library=job["engine"])
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
 
@@ -266,7 +242,7 @@ def _worker_quant(job: dict) -> dict:
         nonlocal pure, rss_ours
         if pure is None:
             rss_ours = peak_rss_mb()
-            pure = PureLlama(dec.lc, dec._model, dec.n_embd, dec.threads, job["n_ctx_pure"], dec.n_batch)
+            pure = PureLlama(dec.llama, dec._model, dec.n_embd, dec.threads, job["n_ctx_pure"], dec.n_batch)
         # the question ours evaluates with its new frame (c above): the same token counts
         r = pure.run(prompts[2].prefix, frame().embeds, prompts[2].suffix, n_gen)
         if record:
@@ -281,7 +257,7 @@ def _worker_quant(job: dict) -> dict:
         for fn in order:
             fn(record)
         if record:
-            _log(f"  {dec.engine} {quant} run {i - warmup + 1}/{repeats}: decode {rows['decode_tok_s'][-1]:.2f} "
+            _log(f"  {dec.library} {quant} run {i - warmup + 1}/{repeats}: decode {rows['decode_tok_s'][-1]:.2f} "
                  f"tok/s, its own loop {rows['llama_tg_tok_s'][-1]:.2f} tok/s")
     # steady state of a node: max_cached_frames frames in the KV cache while answering
     dec.clear_cache()
@@ -292,7 +268,7 @@ def _worker_quant(job: dict) -> dict:
         b = dec.generate(prompts[1], frames[-1], forced)
         rows["decode_4cached_tok_s"].append((n_gen - 1) / (b.decode_ms / 1e3))
     assert len(dec.cached_frames()) == dec.max_cached_frames
-    result = {"quant": quant, "engine": dec.engine, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
+    result = {"quant": quant, "engine": dec.library, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
               "load_s": load_s, "n_ctx": dec.n_ctx, "n_batch": dec.n_batch, "threads": dec.threads,
               "extra_buffers": dec.extra_buffers,
               "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,     # decode's
@@ -378,7 +354,7 @@ def plot(result: dict, ax) -> None:
 
 
 def run(a) -> dict:
-    from ...core.decoders.llamacpp_decoder import default_threads, engines_option
+    from ...core.decoders.llama_library import default_threads, libraries_option
     from ...core.tokenizer import tokenizer_file
     model = Path(a.model)
     if not model.is_dir():
@@ -388,7 +364,7 @@ def run(a) -> dict:
     if bad or not quants:
         raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(CHOICES)})")
     try:
-        engines = engines_option(a.engines)
+        engines = libraries_option(a.engines)
     except ValueError as e:
         raise SystemExit(f"mobilevlm-bench decoder: {e}") from None
     threads = a.threads if a.threads > 0 else default_threads()

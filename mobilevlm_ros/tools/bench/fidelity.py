@@ -62,6 +62,26 @@ def _log(msg: str) -> None:
     print(f"[bench fidelity] {msg}", file=sys.stderr, flush=True)
 
 
+def teacher_forced_logits(decoder, prompt, image, ids=()) -> np.ndarray:
+    """float32 [len(ids) + 1, vocab]: row j holds the logits that predict ids[j] after the prompt
+    and ids[:j]; the last row predicts the token after all of them. For parity checks, fidelity (KL
+    divergence) and scoring fixed answers. Through the decoder's own frame state: the llamacpp
+    decoder's KV states as generate uses them (the question and ids evaluated as batches), the torch
+    decoder's cached KV."""
+    ids = [int(t) for t in ids]
+    if decoder.name == "torch":
+        import torch
+        with torch.inference_mode():
+            kv, _ = decoder.frame_kv(prompt, image)
+            tokens = torch.tensor([[*prompt.suffix, *ids]], device=decoder.device)
+            logits, _ = decoder.llm(decoder.llm.embed(tokens), kv, last_only=False)
+            return logits[0, len(prompt.suffix) - 1:].float().cpu().numpy()
+    pos, skip = decoder.place(prompt, image)
+    tokens = [*prompt.suffix, *ids][skip:]
+    first = len(prompt.suffix) - skip - 1       # the suffix's last token predicts ids[0]
+    return decoder.evaluate(tokens, pos, range(first, len(tokens)))
+
+
 # ------------------------------------------------------------------------------------ inputs
 
 def bench_frames(n: int, seed: int = 0) -> list:
@@ -200,7 +220,8 @@ def run(a) -> dict:
     import torch
 
     from ...core.artifacts import artifact_path
-    from ...core.decoders.llamacpp_decoder import LlamaCppDecoder, default_threads, engines_option
+    from ...core.decoders.llama_library import default_threads, libraries_option
+    from ...core.decoders.llamacpp_decoder import LlamaCppDecoder
     from ...core.generation import GenerationParams
     from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     from ...core.vision_onnx import OnnxRuntimeVision
@@ -212,7 +233,7 @@ def run(a) -> dict:
     if bad or not quants:
         raise SystemExit(f"mobilevlm-bench fidelity: unknown quant {bad} (choose from {', '.join(QUANTS)})")
     try:
-        engines = engines_option(a.engines)
+        engines = libraries_option(a.engines)
     except ValueError as e:
         raise SystemExit(f"mobilevlm-bench fidelity: {e}") from None
     tmp = None
@@ -274,10 +295,10 @@ def run(a) -> dict:
             refs.append(g)
             lengths.append(len(g.ids))
             eos += g.finish_reason == "stop"
-            lp = log_softmax(ref.decoder.teacher_forced_logits(p, emb32[fi], g.ids)).astype(np.float32)
+            lp = log_softmax(teacher_forced_logits(ref.decoder, p, emb32[fi], g.ids)).astype(np.float32)
             logp_refs.append(lp)
             g8 = ref.decoder.generate(p, emb8[fi], params)
-            tf8 = ref.decoder.teacher_forced_logits(p, emb8[fi], g.ids)
+            tf8 = teacher_forced_logits(ref.decoder, p, emb8[fi], g.ids)
             torch_int8.add(g.ids, g8.ids, lp, tf8,
                            {"frame": fi, "question": q, "fp32": g.text, "int8": g8.text} if k < 3 else None)
             if (k + 1) % 10 == 0:
@@ -295,19 +316,19 @@ def run(a) -> dict:
             t1 = time.perf_counter()
             tok = ref.tokenizer
             dec = LlamaCppDecoder.from_artifacts(art, manifest, tok, LoadOptions(
-                quant=quant, threads=threads, n_ctx=n_ctx, llamacpp=LlamaCppOptions(engine=engine)))
+                quant=quant, threads=threads, llamacpp=LlamaCppOptions(n_ctx=n_ctx, library=engine)))
             tally = Tally()
             vis_tally = Tally() if quant == VISION_QUANT and engine == engines[0] else None
             try:
                 for k, ((fi, q, p), g, lp) in enumerate(zip(prompts, refs, logp_refs)):
                     got = dec.generate(p, emb32[fi], params)
-                    tf = dec.teacher_forced_logits(p, emb32[fi], g.ids)
+                    tf = teacher_forced_logits(dec, p, emb32[fi], g.ids)
                     tally.add(g.ids, got.ids, lp, tf,
                               {"frame": fi, "question": q, "reference": g.text, quant: got.text} if k < 3 else None)
                     if vis_tally is not None:       # int8 vs fp32 vision on this GGUF, along its own answer
-                        own = log_softmax(dec.teacher_forced_logits(p, emb32[fi], got.ids))
+                        own = log_softmax(teacher_forced_logits(dec, p, emb32[fi], got.ids))
                         g8 = dec.generate(p, emb8[fi], params)
-                        tf8 = dec.teacher_forced_logits(p, emb8[fi], got.ids)
+                        tf8 = teacher_forced_logits(dec, p, emb8[fi], got.ids)
                         vis_tally.add(got.ids, g8.ids, own, tf8,
                                       {"frame": fi, "question": q, "fp32": got.text, "int8": g8.text}
                                       if k < 3 else None)

@@ -41,7 +41,7 @@ def run_ours(a, engine: str = "auto") -> dict:
     model = load_model(a.artifacts, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp",
                                                 quant=a.quant, threads=a.threads,
                                                 vision_dtype=a.vision_dtype,
-                                                llamacpp=LlamaCppOptions(engine=engine)))
+                                                llamacpp=LlamaCppOptions(library=engine)))
     frame = bench_frame()
     params = GenerationParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens)
     vision, ttft, total = [], [], []
@@ -57,7 +57,7 @@ def run_ours(a, engine: str = "auto") -> dict:
         if i:                                             # the first round is the warm-up
             ttft.append(gen.first_token_ms)
             total.append(elapsed)
-    return {"config": f"ours: onnxruntime {a.vision_dtype} vision + {model.decoder.engine} {a.quant}",
+    return {"config": f"ours: onnxruntime {a.vision_dtype} vision + {model.decoder.library} {a.quant}",
             "ttft_ms": stats(ttft),
             "total_ms": stats(total), "ttft_ms_all": ttft, "total_ms_all": total, "vision_ms": stats(vision[1:]),
             "peak_rss_mb": peak_rss_mb(), "model": model.describe()}
