@@ -82,7 +82,7 @@ def frame_png(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(frame_png, tiny_v2):
-    """What `mobilevlm-ask --json` answers for the frame (run while the node starts)."""
+    """What `mobilevlm-ask-image --json` answers for the frame (run while the node starts)."""
     cmd = [sys.executable, "-m", "mobilevlm_ros.tools.ask", "--model", str(tiny_v2), "--image", str(frame_png),
            "--question", QUESTION, "--max-new-tokens", str(TOKENS), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

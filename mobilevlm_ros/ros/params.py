@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from ..core.pipeline import LLAMACPP_ENGINES, LlamaCppOptions, LoadOptions, QUANTS
+from ..core.onnx_export import VISION_DTYPES
+from ..core.pipeline import DECODERS, LLAMACPP_ENGINES, VISION_BACKENDS, LlamaCppOptions, LoadOptions, QUANTS
 from ..engine.annotate import DEFAULT_JPEG_QUALITY
 from ..engine.config import EngineConfig, Spec, check_cameras
 
@@ -72,14 +73,15 @@ PARAMS = (
     # model (read by configure)
     _node("model_path", "", "checkpoint folder or exported artifacts folder (manifest.json)", "configure"),
     _node("vision_backend", "auto", "vision encoder backend; auto = torch for a checkpoint, onnxruntime "
-          "for artifacts", "configure", choices=("auto", "torch", "onnxruntime", "tensorrt")),
+          "for artifacts", "configure", choices=("auto", *VISION_BACKENDS)),
     _node("decoder", "auto", "language decoder; auto = torch for a checkpoint, llamacpp for artifacts",
-          "configure", choices=("auto", "torch", "llamacpp")),
+          "configure", choices=("auto", *DECODERS)),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
-    _node("llamacpp_engine", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
-          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure", choices=("auto", *LLAMACPP_ENGINES)),
+    _node("llama_library", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
+          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure",
+          choices=("auto", *LLAMACPP_ENGINES)),
     _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
-          "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
+          "(the torch backend: fp32 or bf16)", "configure", choices=VISION_DTYPES),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),
     _node("device", "cpu", "torch backends: cpu, cuda or cuda:N", "configure"),
     _node("gpu_layers", 0, "llama.cpp layers offloaded to the GPU; -1 = all", "configure", low=-1, high=100000),
@@ -95,7 +97,7 @@ PARAMS = (
     _engine("vision_rate_hz"),
     _engine("vision_during_answers"),
     _engine("prefill_frames"),
-    _engine("frame_cache_size"),
+    _engine("embedding_cache_size"),
     _engine("keep_frame_images"),
     _engine("max_frame_age_s"),
     # requests
@@ -129,4 +131,4 @@ def load_options(values: Dict[str, Any]) -> LoadOptions:
     return LoadOptions(vision_backend=values["vision_backend"], decoder=values["decoder"], quant=values["quant"],
                        vision_dtype=values["vision_dtype"], device=values["device"], threads=values["threads"],
                        gpu_layers=values["gpu_layers"], n_ctx=values["n_ctx"],
-                       llamacpp=LlamaCppOptions(engine=values["llamacpp_engine"]))
+                       llamacpp=LlamaCppOptions(engine=values["llama_library"]))    # the llama.cpp library
