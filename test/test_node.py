@@ -698,11 +698,13 @@ def test_configure_failure_exits_non_zero_naming_the_file():
 
 def test_invalid_parameters_exit_non_zero():
     proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file",
-                           str(PARAMS), "-p", "decoder:=tensorflow", "-p", "cameras:=[front, front]"],
+                           str(PARAMS), "-p", "decoder:=tensorflow", "-p", "cameras:=[front, front]",
+                           "-p", "llamacpp_engine:=llama.cpp"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2
     assert "decoder must be one of auto, torch, llamacpp" in proc.stderr
     assert "camera names must be unique" in proc.stderr
+    assert "parameter llamacpp_engine is now called llama_library" in proc.stderr     # renamed: not ignored
 
 
 @pytest.mark.slow
