@@ -4,9 +4,9 @@
                              [--repeats 5] [--threads N] [--out DIR] [--configs ours,reference]
                              (--configs also takes ours-llamacpp)
 
-`ours`: ONNX Runtime vision + the llamacpp decoder as the node loads it (engine auto: ik_llama.cpp on a
+`ours`: ONNX Runtime vision + the llamacpp decoder as the node loads it (llama_library auto: ik_llama.cpp on a
 CPU where it is installed); the frame was encoded when it arrived, a question evaluates only its own
-text and the answer. `ours-llamacpp`: the same on the llama.cpp engine. `reference`: what the official inference script does, PyTorch
+text and the answer. `ours-llamacpp`: the same on the llama.cpp library. `reference`: what the official inference script does, PyTorch
 float32 with transformers: CLIP + projector re-run for every question, then `generate` over the whole
 prompt. Both answer the same question about the same image with exactly `--tokens` generated tokens
 (EOS suppressed); each figure is the median (min–max) of --repeats questions after one warm-up.
