@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frame batches the simulated vision worker caches per second of bag time "
                          "(default: the parameters file's, else the node's default; 0 = every frame)")
     ap.add_argument("--embedding-cache-size", type=int, default=None, metavar="N",
-                    help="encoded frames kept per camera (default: as --vision-rate-hz)")
+                    help="image embeddings (encoded frames) kept per camera (default: as --vision-rate-hz)")
     ap.add_argument("--answers-bag", default=None, metavar="PATH",
                     help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC}, and drawn on their frames "
                          f"on {ANNOTATED_TOPIC}, into a new mcap bag")
