@@ -49,14 +49,14 @@ def data_files():
 
 CONSOLE_SCRIPTS = [
     "mobilevlm-make-tiny=mobilevlm_ros.tools.make_tiny:main",
-    "mobilevlm-ask=mobilevlm_ros.tools.ask:main",
+    "mobilevlm-ask-image=mobilevlm_ros.tools.ask:main",
     "mobilevlm-export=mobilevlm_ros.tools.export:main",
     "mobilevlm-build-engine=mobilevlm_ros.tools.build_engine:main",
     "mobilevlm-replay=mobilevlm_ros.replay.cli:main",
     "mobilevlm-make-bag=mobilevlm_ros.tools.make_bag:main",
     "mobilevlm-bench=mobilevlm_ros.tools.bench:main",
     "mobilevlm-node=mobilevlm_ros.ros.node:main",
-    "mobilevlm-ask-ros=mobilevlm_ros.ros.ask_client:main",
+    "mobilevlm-ask-node=mobilevlm_ros.ros.ask_client:main",
     "mobilevlm-demo=mobilevlm_ros.tools.demo:main",
     "mobilevlm-soak=mobilevlm_ros.tools.soak:main",
 ]

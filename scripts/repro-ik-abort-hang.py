@@ -1,7 +1,7 @@
-"""Reproduce ik_llama.cpp's abort hang (docs/engine-choice.md): prefills of the tiny model, each
+"""Reproduce ik_llama.cpp's abort hang (docs/llama-library.md): prefills of the tiny model, each
 interrupted after 1-9 graph polls; a hang prints the stack and exits 1 after the timeout.
-Usage: .venv/bin/python scripts/repro-ik-abort-hang.py [ENGINE] [N] [TIMEOUT_S]
-(ENGINE llama.cpp or ik_llama.cpp; MOBILEVLM_IK_LLAMA_DIR picks another ik_llama.cpp build)."""
+Usage: .venv/bin/python scripts/repro-ik-abort-hang.py [LIBRARY] [N] [TIMEOUT_S]
+(LIBRARY llama.cpp or ik_llama.cpp; MOBILEVLM_IK_LLAMA_DIR picks another ik_llama.cpp build)."""
 import faulthandler
 import pathlib
 import sys
@@ -13,11 +13,11 @@ from mobilevlm_ros.core.prompt import build_prompt
 from mobilevlm_ros.core.tokenizer import Tokenizer
 from mobilevlm_ros.core.vision import ImageEmbedding
 
-engine, n, timeout = (sys.argv[1:] + ["ik_llama.cpp", "300", "60"][len(sys.argv) - 1:])[:3]
+library, n, timeout = (sys.argv[1:] + ["ik_llama.cpp", "300", "60"][len(sys.argv) - 1:])[:3]
 faulthandler.dump_traceback_later(float(timeout), exit=True)
 art = pathlib.Path(__file__).resolve().parent.parent / "models" / "tiny-v2-artifacts"
 tok = Tokenizer(str(art / "tokenizer.model"))
-d = LlamaCppDecoder(art / "llm-f16.gguf", tok, library=engine, threads=2, frame_tail=True)
+d = LlamaCppDecoder(art / "llm-f16.gguf", tok, library=library, threads=2, frame_tail=True)
 rng = np.random.default_rng(0)
 for i in range(int(n)):
     img = ImageEmbedding(rng.standard_normal((144, d.n_embd)).astype(np.float32))
@@ -26,4 +26,4 @@ for i in range(int(n)):
     stop = lambda: polls.append(1) or len(polls) >= stop_after  # noqa: E731
     assert d.prefill(build_prompt(tok, "", 144), img, stop) is False
     print(i + 1, end=" ", flush=True)
-print(f"\n{engine}: {n} interrupted prefills, no hang")
+print(f"\n{library}: {n} interrupted prefills, no hang")

@@ -121,10 +121,10 @@ else
   stamp_set requirements-nodeps "$NODEPS_HASH"
 fi
 
-# ik_llama.cpp, the llamacpp decoder's opt-in engine (docs/engine-choice.md): MOBILEVLM_IK_LLAMA=1
+# ik_llama.cpp, the llamacpp decoder's opt-in library (docs/llama-library.md): MOBILEVLM_IK_LLAMA=1
 # builds it from its sources for this CPU into .venv/lib/mobilevlm-ik-llama (about 9 CPU-minutes,
 # cached per machine in ~/.cache/mobilevlm_ros); auto then runs it on a CPU that can. Without it the
-# engine is llama.cpp. x86-64 only (measured there).
+# library is llama.cpp. x86-64 only (measured there).
 if [ "${MOBILEVLM_IK_LLAMA:-0}" = 1 ] && [ "$(uname -m)" = x86_64 ]; then
   log "2/6 ik_llama.cpp for this CPU (MOBILEVLM_IK_LLAMA=1: scripts/build-ik-llama.sh)"
   bash "$ROOT/scripts/build-ik-llama.sh" "$VENV" || die "building ik_llama.cpp failed (leave MOBILEVLM_IK_LLAMA unset to skip it)"

@@ -102,7 +102,7 @@ def test_batches_bench_pads_as_the_decoder_does(tmp_path, tiny_v2_artifacts):
     out = tmp_path / "batches"
     rc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.tools.bench", "batches", "--model",
                          str(tiny_v2_artifacts), "--quant", "f16", "--sizes", "10-17", "--repeats", "1",
-                         "--engine", "llama.cpp", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                         "--library", "llama.cpp", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
     r = json.loads((out / "batches.json").read_text())
     assert r["engine"] == "llama.cpp" and r["pad_max"] == r["engine_pad_max"] == PAD_MAX

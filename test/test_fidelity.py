@@ -272,11 +272,10 @@ def test_tied_embeddings_are_honoured(world, bench, tmp_path):
 def test_new_quant_types_export_and_load(tiny_v2, tmp_path):
     """q4_0, iq4_xs and q5_k_m (the tiny model's rows of 256 take every type as such); the export's
     command line and the decoder bench accept them."""
-    from mobilevlm_ros.tools.bench.decoder import CHOICES
-    from mobilevlm_ros.tools.export import _list
+    from mobilevlm_ros.tools.options import CommaList
     new = ["q4_0", "iq4_xs", "q5_k_m"]
-    assert all(q in QUANTS and q in QUANT_FTYPES and q in CHOICES for q in new)
-    assert _list(",".join(new), QUANTS, "quant") == new
+    assert all(q in QUANTS and q in QUANT_FTYPES for q in new)      # every command takes QUANTS (test_options.py)
+    assert CommaList(QUANTS, "quant")(",".join(new)) == new
     ckpt = load_checkpoint(tiny_v2)
     tok = Tokenizer(ckpt.tokenizer_path)
     section = export_gguf(ckpt, tmp_path, new)

@@ -128,7 +128,7 @@ def sourced(colcon_install):
 
 def test_colcon_install_has_the_ros_layout(colcon_install):
     pkg = colcon_install.package
-    for exe in ("mobilevlm_node", "mobilevlm-node", "mobilevlm-ask-ros", "mobilevlm-replay"):
+    for exe in ("mobilevlm_node", "mobilevlm-node", "mobilevlm-ask-node", "mobilevlm-replay"):
         assert os.access(pkg / "lib" / "mobilevlm_ros" / exe, os.X_OK), exe
     for f in (LAUNCH_FILE, Path("share/mobilevlm_ros/config/mobilevlm.yaml"), Path("share/mobilevlm_ros/package.xml"),
               Path("share/ament_index/resource_index/packages/mobilevlm_ros")):

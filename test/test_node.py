@@ -82,7 +82,7 @@ def frame_png(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(frame_png, tiny_v2):
-    """What `mobilevlm-ask --json` answers for the frame (run while the node starts)."""
+    """What `mobilevlm-ask-image --json` answers for the frame (run while the node starts)."""
     cmd = [sys.executable, "-m", "mobilevlm_ros.tools.ask", "--model", str(tiny_v2), "--image", str(frame_png),
            "--question", QUESTION, "--max-new-tokens", str(TOKENS), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -698,11 +698,13 @@ def test_configure_failure_exits_non_zero_naming_the_file():
 
 def test_invalid_parameters_exit_non_zero():
     proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.ros.node", "--ros-args", "--params-file",
-                           str(PARAMS), "-p", "decoder:=tensorflow", "-p", "cameras:=[front, front]"],
+                           str(PARAMS), "-p", "decoder:=tensorflow", "-p", "cameras:=[front, front]",
+                           "-p", "llamacpp_engine:=llama.cpp"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2
     assert "decoder must be one of auto, torch, llamacpp" in proc.stderr
     assert "camera names must be unique" in proc.stderr
+    assert "parameter llamacpp_engine is now called llama_library" in proc.stderr     # renamed: not ignored
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ given bag times, every N seconds, every Nth frame and near requested stamps. Wit
 that keeps up (--vision-rate-hz 0) each answer's frame is checked against the frame the node's
 policy must pick (computed here from the bag's schedule), and its answer against the same pipeline
 run on that frame's pixels (rendered again, or JPEG-decoded with Pillow) and once against
-`mobilevlm-ask`; with the node's default schedule, against the frames that schedule caches. Replay
+`mobilevlm-ask-image`; with the node's default schedule, against the frames that schedule caches. Replay
 is repeatable to the byte. Then --expect, the Answer bag, and corrupt bags.
 """
 import io
@@ -144,7 +144,7 @@ def test_replay_picks_the_nodes_frame_and_answers_as_the_pipeline(which, bags, s
     info = bags[which]
     bag = Path(info["path"])
     out = tmp_path / "answers.jsonl"
-    assert run(bag, questions_for(info, tmp_path), out, "--vision-rate-hz", 0, "--frame-cache-size", 100) == 0
+    assert run(bag, questions_for(info, tmp_path), out, "--vision-rate-hz", 0, "--embedding-cache-size", 100) == 0
     recs = lines(out)
     summary = json.loads((tmp_path / "answers.summary.json").read_text())
 
@@ -196,7 +196,7 @@ def test_replay_picks_the_nodes_frame_and_answers_as_the_pipeline(which, bags, s
 
 
 def test_answer_equals_mobilevlm_ask_and_answers_bag_reads_back(bags, tiny_v2, tmp_path, capsys):
-    """The real CLI path (model loaded from --model), against `mobilevlm-ask` on the frame as PNG;
+    """The real CLI path (model loaded from --model), against `mobilevlm-ask-image` on the frame as PNG;
     the answers bag holds mobilevlm_ros/msg/Answer with the frame's header."""
     info = bags["raw_mcap"]
     doc = {"questions": [{"camera": "front", "question": "What is in front?", "at": [0.55, 1.3]}]}
@@ -336,7 +336,7 @@ def test_rejected_frames_are_skipped_and_reported(tmp_path, shared):
 
 
 def test_default_schedule_caches_frames_as_the_node_and_replays_byte_for_byte(bags, shared, tmp_path):
-    """With the node's defaults (vision_rate_hz 2, frame_cache_size 4) the simulated vision worker
+    """With the node's defaults (vision_rate_hz 2, embedding_cache_size 4) the simulated vision worker
     caches a frame when an encode is due on the bag's clock (at most every 0.5 s), and a question
     about the latest frame gets the newest cached one, even when a newer frame is pending (as the
     live node answers from its newest encoded frame). Two runs write identical lines."""

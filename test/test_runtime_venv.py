@@ -1,7 +1,7 @@
 """The robot runtime set alone: requirements-ros.txt + requirements-runtime.txt (what a robot without
 ROS 2 from apt installs; with apt, only the second) pip-installed into a fresh venv, the package
 installed there from its wheel. In that venv, with no torch installed: the node on an exported
-artifacts folder answers `mobilevlm-ask-ros` over DDS about a frame this test publishes, and
+artifacts folder answers `mobilevlm-ask-node` over DDS about a frame this test publishes, and
 `mobilevlm-replay` answers from a bag. And in the development venv (where torch is installed), the
 node's and replay's code paths import no torch.
 
@@ -194,7 +194,7 @@ def test_node_in_the_runtime_venv_answers_over_dds(runtime, tiny_v2_artifacts, r
         publisher = threading.Thread(target=camera, daemon=True)
         publisher.start()
         try:
-            ask = run([runtime.bin / "mobilevlm-ask-ros", QUESTION, "--node", node_name, "--json",
+            ask = run([runtime.bin / "mobilevlm-ask-node", QUESTION, "--node", node_name, "--json",
                        "--max-new-tokens", "4", "--temperature", "0", "--timeout", "60"], env, runtime.work, 120)
         finally:
             asking.set()

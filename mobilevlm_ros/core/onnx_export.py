@@ -41,6 +41,9 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
 OPSET = 18
 DTYPES = ("fp32", "fp16", "int8")
+# the vision_dtype option's choices (node parameter, CLIs): auto (artifacts.choose_vision_dtype), an
+# exported graph, or bf16 (the torch backend under autocast)
+VISION_DTYPES = ("auto", *DTYPES, "bf16")
 EXTERNAL_DATA_BYTES = 1_800_000_000     # below protobuf's 2 GiB message limit, with headroom
 MAX_EXPORT_BATCH = 64                   # upper bound of the dynamic batch dimension
 
@@ -347,6 +350,6 @@ def remove_stale_graphs(out_dir: Path, keep: Iterable[str]) -> list[str]:
     return removed
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "OPSET", "DTYPES", "ExportError", "compare", "export_vision",
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "OPSET", "DTYPES", "VISION_DTYPES", "ExportError", "compare", "export_vision",
            "export_fp32", "convert_fp16", "quantize_int8", "verification_pixels", "graph_entry",
            "external_data_file", "remove_stale_graphs", "run_onnx"]

@@ -77,11 +77,11 @@ def check_cameras(cameras) -> Optional[str]:
 class EngineConfig:
     cameras: Tuple[str, ...] = _f(("front",), "camera names; the first is the default camera",
                                   runtime=False)
-    frame_cache_size: int = _f(4, "encoded frames (embeddings + headers) kept per camera", runtime=False,
-                               low=1, high=1000)
+    embedding_cache_size: int = _f(4, "encoded frames (image embeddings + headers) kept per camera",
+                                   runtime=False, low=1, high=1000)
     keep_frame_images: bool = _f(True, "keep each cached frame as received (message data, or JPEG/PNG bytes) "
                                  "beside its embedding, so that an answer is drawn on the frame it describes "
-                                 "(the node's ~/annotated, replay's answers bag); costs frame_cache_size "
+                                 "(the node's ~/annotated, replay's answers bag); costs embedding_cache_size "
                                  "frames per camera in memory. false: a frame's pixels are freed once it is "
                                  "encoded, and no answer is drawn", runtime=False)
     max_queue: int = _f(4, "requests waiting for the generation worker; more are answered BUSY",

@@ -72,7 +72,7 @@ class Engine:
         self.config = config.validate()
         self.clock = clock
         self.simulated = simulated
-        self.frames = FrameStore(self.config.cameras, self.config.frame_cache_size, self.config.keep_frame_images)
+        self.frames = FrameStore(self.config.cameras, self.config.embedding_cache_size, self.config.keep_frame_images)
         self.on_answer: Optional[Callable[[Request, Result], None]] = None   # every generated answer
         self.counters = Counters()
         self._lock = threading.Lock()

@@ -6,7 +6,7 @@ Pure Python (numpy, no rclpy), so replay and benchmark tools reuse it with frame
 Per camera (`CameraFrames`):
 - a *pending* slot holding the newest received frame that is not encoded yet. A newer frame
   replaces it (latest frame wins) and counts as a drop, so the image callback is O(1);
-- the embeddings of the last K encoded frames, with their headers (`frame_cache_size`), and with
+- the embeddings of the last K encoded frames, with their headers (`embedding_cache_size`), and with
   `keep_images` the frames as received (message data or compressed bytes), so that an answer can
   be drawn on the very frame it describes (engine/annotate.py).
 

@@ -3,7 +3,7 @@
     mobilevlm-replay BAG --questions FILE --out answers.jsonl --model PATH
                      [--vision-backend B] [--decoder D] [--quant Q] [--max-new-tokens N] [--temperature T]
                      [--top-p P] [--seed S] [--max-frame-age S] [--params NODE.yaml]
-                     [--vision-rate-hz HZ] [--frame-cache-size N] [--answers-bag PATH]
+                     [--vision-rate-hz HZ] [--embedding-cache-size N] [--answers-bag PATH]
                      [--expect PREVIOUS.jsonl] [--no-progress]
     mobilevlm-replay BAGS... --out-dir DIR [--questions FILE] --model PATH [--workers N] [--threads T]
                      [--address HOST:PORT] [--expect PREVIOUS_DIR] [... the options above]
@@ -85,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                          f"default: auto, which is {AUTO_AGE_MIN_S:g} s when encoding takes no time)")
     ap.add_argument("--params", default=None, metavar="FILE",
                     help="a node parameters file (config/mobilevlm.yaml style): the engine settings "
-                         "(vision_rate_hz, frame_cache_size, max_frame_age_s, ...) the node ran with")
+                         "(vision_rate_hz, embedding_cache_size, max_frame_age_s, ...) the node ran with")
     ap.add_argument("--vision-rate-hz", type=float, default=None, metavar="HZ",
                     help="frame batches the simulated vision worker caches per second of bag time "
                          "(default: the parameters file's, else the node's default; 0 = every frame)")
-    ap.add_argument("--frame-cache-size", type=int, default=None, metavar="N",
-                    help="encoded frames kept per camera (default: as --vision-rate-hz)")
+    ap.add_argument("--embedding-cache-size", type=int, default=None, metavar="N",
+                    help="image embeddings (encoded frames) kept per camera (default: as --vision-rate-hz)")
     ap.add_argument("--answers-bag", default=None, metavar="PATH",
                     help=f"also write the answers as {ANSWER} on {ANSWERS_TOPIC}, and drawn on their frames "
                          f"on {ANNOTATED_TOPIC}, into a new mcap bag")
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
             raise QuestionsError(f"--max-frame-age must be >= 0, got {a.max_frame_age}")
         max_age = a.max_frame_age if a.max_frame_age is not None else qf.max_frame_age_s
         config = engine_config(qf, a.params, max_frame_age_s=max_age, vision_rate_hz=a.vision_rate_hz,
-                               frame_cache_size=a.frame_cache_size)
+                               embedding_cache_size=a.embedding_cache_size)
         if a.answers_bag and Path(a.answers_bag).exists():
             raise BagError(f"{a.answers_bag}: exists already; choose a new path for the answers bag")
     except MobileVLMError as e:

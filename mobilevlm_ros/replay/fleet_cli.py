@@ -40,7 +40,7 @@ def main_fleet(a) -> int:
         def config_for(qf):
             max_age = a.max_frame_age if a.max_frame_age is not None else qf.max_frame_age_s
             return engine_config(qf, a.params, max_frame_age_s=max_age, vision_rate_hz=a.vision_rate_hz,
-                                 frame_cache_size=a.frame_cache_size)
+                                 embedding_cache_size=a.embedding_cache_size)
 
         jobs = make_jobs(a.bag, a.questions, config_for)
         if a.expect and not (Path(a.expect) / "summary.json").is_file():

@@ -1,6 +1,6 @@
-"""mobilevlm-ask-ros: ask the running MobileVLM node a question (for machines without the ros2 CLI).
+"""mobilevlm-ask-node: ask the running MobileVLM node a question (for machines without the ros2 CLI).
 
-    mobilevlm-ask-ros "What is in front of the robot?" [--camera C] [--stream] [--timeout S]
+    mobilevlm-ask-node "What is in front of the robot?" [--camera C] [--stream] [--timeout S]
                       [--node /mobilevlm] [--max-new-tokens N] [--temperature T] [--top-p P]
                       [--seed S] [--json]
 
@@ -115,7 +115,7 @@ def ask_action(node: Node, name: str, a, deadline: float, out=sys.stdout):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mobilevlm-ask-ros", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="mobilevlm-ask-node", description=__doc__.split("\n\n")[0])
     ap.add_argument("question")
     ap.add_argument("--camera", default="", help="camera name (default: the node's first camera)")
     ap.add_argument("--stream", action="store_true", help="use the action and print tokens as they come")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             print(text)
         code = 0 if d["success"] else 1
     except (TimeoutError, RuntimeError) as e:
-        print(f"mobilevlm-ask-ros: {e}", file=sys.stderr)
+        print(f"mobilevlm-ask-node: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -60,7 +60,7 @@ from ..engine.frames import NS
 from ..engine.requests import Result, Status
 from .annotated import AnnotatedImages
 from .conversion import fill_result, raw_image, request_from_msg, stamp_ns
-from .params import PARAM_BY_NAME, PARAMS, ENGINE_PARAMS, engine_config, load_options
+from .params import PARAM_BY_NAME, PARAMS, ENGINE_PARAMS, RENAMED, engine_config, load_options
 from .qos import ASK_SERVICE_QOS
 
 from mobilevlm_ros.srv import Ask as AskService  # noqa: E402  (generated types after our own)
@@ -87,6 +87,8 @@ class MobileVLMNode(LifecycleNode):
         self._cfg: Dict[str, Any] = {p.name: self.get_parameter(p.name).value for p in PARAMS}
         self._cfg["cameras"] = list(self._cfg["cameras"])
         errors = [e for p in PARAMS if (e := p.check(self._cfg[p.name]))]
+        errors += [f"parameter {old} is now called {new} (CHANGELOG.md)" for old, new in RENAMED.items()
+                   if old in self._parameter_overrides]     # rclpy's copy of the params files' and -p values
         if errors:
             raise ParameterError("; ".join(errors))
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -508,7 +510,7 @@ class MobileVLMNode(LifecycleNode):
                                                  "vision_aborted": st.vision_aborted,
                                                  "max_frame_age_s": f"{max_age:.3f}",
                                                  "prefill_ms_avg": f"{st.prefill_ms_avg:.1f}",
-                                                 "decoder_cached_frames": st.cached_frames_in_decoder,
+                                                 "decoder_kv_states": st.cached_frames_in_decoder,
                                                  "decoder_cache_mb": f"{st.decoder_cache_bytes / 2**20:.2f}",
                                                  "last_total_ms": f"{st.last_total_ms:.1f}",
                                                  "last_error": st.last_error or self.last_error})))

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
 from ..core.decoders.llama_library import LLAMA_LIBRARIES
-from ..core.pipeline import LlamaCppOptions, LoadOptions, QUANTS
+from ..core.onnx_export import VISION_DTYPES
+from ..core.pipeline import DECODERS, VISION_BACKENDS, LlamaCppOptions, LoadOptions, QUANTS
 from ..engine.annotate import DEFAULT_JPEG_QUALITY
 from ..engine.config import EngineConfig, Spec, check_cameras
 
@@ -73,14 +74,15 @@ PARAMS = (
     # model (read by configure)
     _node("model_path", "", "checkpoint folder or exported artifacts folder (manifest.json)", "configure"),
     _node("vision_backend", "auto", "vision encoder backend; auto = torch for a checkpoint, onnxruntime "
-          "for artifacts", "configure", choices=("auto", "torch", "onnxruntime", "tensorrt")),
+          "for artifacts", "configure", choices=("auto", *VISION_BACKENDS)),
     _node("decoder", "auto", "language decoder; auto = torch for a checkpoint, llamacpp for artifacts",
-          "configure", choices=("auto", "torch", "llamacpp")),
+          "configure", choices=("auto", *DECODERS)),
     _node("quant", LoadOptions.quant, "GGUF file the llamacpp decoder loads", "configure", choices=QUANTS),
-    _node("llamacpp_engine", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
-          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure", choices=("auto", *LLAMA_LIBRARIES)),
+    _node("llama_library", "auto", "library the llamacpp decoder runs on; auto = ik_llama.cpp on a CPU "
+          "where it is built for this CPU (scripts/build-ik-llama.sh), else llama.cpp", "configure",
+          choices=("auto", *LLAMA_LIBRARIES)),
     _node("vision_dtype", LoadOptions.vision_dtype, "ONNX vision graph the onnxruntime/tensorrt backends load "
-          "(the torch backend: fp32 or bf16)", "configure", choices=("auto", "fp32", "fp16", "int8", "bf16")),
+          "(the torch backend: fp32 or bf16)", "configure", choices=VISION_DTYPES),
     _node("threads", 0, "CPU threads for the backends; 0 = library default", "configure", low=0, high=1024),
     _node("device", "cpu", "torch backends: cpu, cuda or cuda:N", "configure"),
     _node("gpu_layers", 0, "llama.cpp layers offloaded to the GPU; -1 = all", "configure", low=-1, high=100000),
@@ -96,7 +98,7 @@ PARAMS = (
     _engine("vision_rate_hz"),
     _engine("vision_during_answers"),
     _engine("prefill_frames"),
-    _engine("frame_cache_size"),
+    _engine("embedding_cache_size"),
     _engine("keep_frame_images"),
     _engine("max_frame_age_s"),
     # requests
@@ -117,6 +119,9 @@ PARAMS = (
     _node("autostart", True, "configure and activate at start; exit non-zero if that fails", "startup"),
 )
 PARAM_BY_NAME = {p.name: p for p in PARAMS}
+# renamed before the first release (CHANGELOG.md): a parameters file that still sets an old name is
+# refused with the new one, instead of being ignored as an unknown parameter
+RENAMED = {"llamacpp_engine": "llama_library", "frame_cache_size": "embedding_cache_size"}
 ENGINE_PARAMS = tuple(p.name for p in PARAMS if p.name in EngineConfig.specs())
 assert set(ENGINE_PARAMS) == set(EngineConfig.specs()), "every engine setting is a node parameter"
 
@@ -130,4 +135,4 @@ def load_options(values: Dict[str, Any]) -> LoadOptions:
     return LoadOptions(vision_backend=values["vision_backend"], decoder=values["decoder"], quant=values["quant"],
                        vision_dtype=values["vision_dtype"], device=values["device"], threads=values["threads"],
                        gpu_layers=values["gpu_layers"],
-                       llamacpp=LlamaCppOptions(n_ctx=values["n_ctx"], library=values["llamacpp_engine"]))
+                       llamacpp=LlamaCppOptions(n_ctx=values["n_ctx"], library=values["llama_library"]))

@@ -1,6 +1,6 @@
-"""mobilevlm-ask: answer one question about one image file, from a checkpoint or artifacts folder.
+"""mobilevlm-ask-image: answer one question about one image file, from a checkpoint or artifacts folder.
 
-    mobilevlm-ask --model PATH --image IMG --question Q [--max-new-tokens N] [--temperature T]
+    mobilevlm-ask-image --model PATH --image IMG --question Q [--max-new-tokens N] [--temperature T]
                   [--top-p P] [--seed S] [--vision-backend B] [--decoder D] [--quant Q] [--json]
 
 Errors go to stderr with exit code 2 (bad input) or 1 (model could not be loaded).
@@ -16,6 +16,8 @@ import time
 import numpy as np
 
 from ..core.errors import MobileVLMError, ModelLoadError
+from ..core.onnx_export import VISION_DTYPES
+from ..core.pipeline import DECODERS, QUANTS, VISION_BACKENDS, LoadOptions
 
 
 def read_image(path) -> np.ndarray:
@@ -32,12 +34,14 @@ def read_image(path) -> np.ndarray:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """Model and backend options shared by the command-line tools."""
     ap.add_argument("--model", required=True, help="checkpoint folder or exported artifacts folder")
-    ap.add_argument("--vision-backend", default="auto", help="auto|torch|onnxruntime|tensorrt")
-    ap.add_argument("--decoder", default="auto", help="auto|torch|llamacpp")
-    ap.add_argument("--quant", default="q4_k_m", help="GGUF for --decoder llamacpp: f16|q8_0|q4_k_m|q4_0|iq4_xs|q5_k_m")
-    ap.add_argument("--vision-dtype", default="auto", help="ONNX vision graph: auto|fp32|fp16|int8 (auto: int8 on a CPU "
-                    "when manifest.json records its fidelity, else fp32; fp16 on a GPU); --vision-backend torch: "
-                    "fp32|bf16 (autocast, for CPUs with AMX / AVX512_BF16)")
+    ap.add_argument("--vision-backend", default="auto", choices=("auto", *VISION_BACKENDS),
+                    help="auto: torch for a checkpoint, onnxruntime for artifacts")
+    ap.add_argument("--decoder", default="auto", choices=("auto", *DECODERS),
+                    help="auto: torch for a checkpoint, llamacpp for artifacts")
+    ap.add_argument("--quant", default=LoadOptions.quant, choices=QUANTS, help="GGUF for --decoder llamacpp")
+    ap.add_argument("--vision-dtype", default="auto", choices=VISION_DTYPES, help="ONNX vision graph (auto: int8 on "
+                    "a CPU when manifest.json records its fidelity, else fp32; fp16 on a GPU); --vision-backend torch: "
+                    "fp32 or bf16 (autocast, for CPUs with AMX / AVX512_BF16)")
     ap.add_argument("--vision-tower", default=None, help="CLIP folder for V1 checkpoints")
     ap.add_argument("--device", default="cpu", help="torch backends: cpu|cuda")
     ap.add_argument("--threads", type=int, default=0, help="0 = library default")
@@ -51,7 +55,7 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(a):
-    from ..core.pipeline import LoadOptions, load_model
+    from ..core.pipeline import load_model
     return load_model(a.model, LoadOptions(vision_backend=a.vision_backend, decoder=a.decoder,
                                            quant=a.quant, vision_dtype=a.vision_dtype,
                                            vision_tower=a.vision_tower, device=a.device,
@@ -65,7 +69,7 @@ def params_from_args(a):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mobilevlm-ask", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="mobilevlm-ask-image", description=__doc__.split("\n\n")[0])
     add_model_args(ap)
     ap.add_argument("--image", required=True)
     ap.add_argument("--question", required=True)
@@ -86,10 +90,10 @@ def main(argv=None) -> int:
         gen = model.ask(a.question, emb, params)
         total_ms = (time.perf_counter() - t0) * 1e3
     except ModelLoadError as e:
-        print(f"mobilevlm-ask: cannot load model: {e}", file=sys.stderr)
+        print(f"mobilevlm-ask-image: cannot load model: {e}", file=sys.stderr)
         return 1
     except MobileVLMError as e:
-        print(f"mobilevlm-ask: {e}", file=sys.stderr)
+        print(f"mobilevlm-ask-image: {e}", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps({

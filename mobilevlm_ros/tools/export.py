@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .dev_packages import needs_dev_packages
+from .options import CommaList
 
 log = logging.getLogger("mobilevlm_ros.export")
 
@@ -32,15 +33,6 @@ def _tool_version() -> str:
         return str(__version__)
     except Exception:
         return "0.1.0"
-
-
-def _list(text: str, allowed, what: str) -> list[str]:
-    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown {what} '{bad[0] if bad else text}' "
-                                         f"(choose from {', '.join(allowed)}, comma separated)")
-    return list(dict.fromkeys(items))
 
 
 class _Steps:
@@ -199,10 +191,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, type=Path, help="published checkpoint folder")
     ap.add_argument("--out", required=True, type=Path, help="artifacts folder to write")
-    ap.add_argument("--vision-dtype", default="fp32", type=lambda s: _list(s, DTYPES, "vision dtype"),
-                    help="vision graphs to write: fp32,fp16,int8 (comma list; fp32 is always written)")
-    ap.add_argument("--quant", default=DEFAULT_QUANTS, type=lambda s: _list(s, QUANTS, "quant"),
-                    help=f"GGUF files to write: {','.join(QUANTS)} (comma list)")
+    dtypes, quants = CommaList(DTYPES, "vision dtype"), CommaList(QUANTS, "quant")
+    ap.add_argument("--vision-dtype", default="fp32", type=dtypes,
+                    help=f"vision graphs to write, comma-separated: {dtypes.names} (fp32 is always written)")
+    ap.add_argument("--quant", default=DEFAULT_QUANTS, type=quants,
+                    help=f"GGUF files to write, comma-separated: {quants.names}")
     ap.add_argument("--no-llm", action="store_true", help="skip the language model (GGUF) files")
     ap.add_argument("--vision-tower", default=None, help="CLIP folder for V1 checkpoints")
     ap.add_argument("--no-verify", action="store_true",

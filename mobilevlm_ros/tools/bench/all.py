@@ -30,11 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+from ...core.onnx_export import DTYPES as VISION_DTYPES      # every graph: the vision bench compares them
 from .common import finish_machine, fmt, machine_info, machine_line, median, save_figure
+from .decoder import DEFAULT_QUANTS
 
 SUBS = ("decoder", "vision", "question", "memory", "node")
-VISION_DTYPES = ("fp32", "fp16", "int8")
-QUANTS = ("q4_k_m", "q8_0", "f16")
 
 # the project's targets on the 2-core development machine (README), per figure of the summary
 TARGET_QUESTION_MS = 1000.0
@@ -96,7 +96,7 @@ def sub_argv(sub: str, ckpt: Path, art: Path, out: Path, quick: bool, budget_mb:
 
 
 def run_model(ckpt: Path, out: Path, subs, quick: bool, budget_mb: float, reuse: bool = False) -> dict:
-    art = ensure_artifacts(ckpt, VISION_DTYPES, QUANTS)
+    art = ensure_artifacts(ckpt, VISION_DTYPES, DEFAULT_QUANTS)
     results = {"checkpoint": str(ckpt), "artifacts": str(art)}
     for sub in SUBS:                      # --reuse: what is not run now comes from the earlier run's file
         path = out / f"{sub}.json"

@@ -2,7 +2,7 @@
 already in the decoder (all of its time to first token), as the decoder pads it and unpadded.
 
     mobilevlm-bench batches --model ART [--quant q4_k_m] [--sizes 1-33] [--repeats 5] [--threads N]
-                            [--engine auto|llama.cpp|ik_llama.cpp] [--pad-max N] [--out DIR]
+                            [--library auto|llama.cpp|ik_llama.cpp] [--pad-max N] [--out DIR]
 
 One frame is encoded and its image tokens evaluated once; then, for every size n in --sizes, a
 question of n tokens (the start of a long question's text) is answered with one new token from that
@@ -19,6 +19,8 @@ import argparse
 import random
 import sys
 
+from ...core.decoders.llama_library import LLAMA_LIBRARIES
+from ...core.pipeline import QUANTS, LoadOptions
 from .common import finish_machine, fmt, machine_info, machine_line, report, stats
 
 QUESTION = ("Look at the picture from the robot's front camera and tell me in detail which objects are "
@@ -46,7 +48,7 @@ def run(a) -> dict:
 
     model = load_model(a.model, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp", quant=a.quant,
                                             threads=a.threads, vision_dtype="auto",
-                                            llamacpp=LlamaCppOptions(library=a.engine)))
+                                            llamacpp=LlamaCppOptions(library=a.library)))
     try:
         dec = model.decoder
         if not hasattr(dec, "pad_max"):
@@ -108,13 +110,14 @@ def plot(r: dict, ax) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-bench batches", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="artifacts folder (mobilevlm-export)")
-    ap.add_argument("--quant", default="q4_k_m")
+    ap.add_argument("--quant", default=LoadOptions.quant, choices=QUANTS)
     ap.add_argument("--sizes", default="1-33", help="question lengths in tokens: 1-33 or 8,12,16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
-    ap.add_argument("--engine", default="auto", help="auto | llama.cpp | ik_llama.cpp (auto: as the node)")
+    ap.add_argument("--library", default="auto", choices=("auto", *LLAMA_LIBRARIES),
+                    help="llama.cpp library (auto: as the node)")
     ap.add_argument("--pad-max", type=int, default=-1,
-                    help="padding rule of the padded runs (default -1: the engine's own, 0 for ik_llama.cpp)")
+                    help="padding rule of the padded runs (default -1: the library's own, 0 for ik_llama.cpp)")
     ap.add_argument("--out", help="folder for batches.json, batches.md and batches.png")
     a = ap.parse_args(argv)
     return report("batches", lambda: run(a), table, a.out, plot, errors=(ValueError,), error_code=2)

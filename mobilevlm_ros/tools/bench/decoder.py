@@ -1,8 +1,8 @@
-"""Decoder speed per GGUF quantization and engine: our llama.cpp decoder beside the engine's own loop.
+"""Decoder speed per GGUF quantization and llama.cpp library: our decoder beside the library's own loop.
 
     mobilevlm-bench decoder --model CKPT|ARTIFACTS [--quants q4_k_m,q8_0,f16] [--threads N]
                             (--quants also takes q4_0, iq4_xs, q5_k_m)
-                            [--engines llama.cpp,ik_llama.cpp] (default: every installed one)
+                            [--libraries llama.cpp,ik_llama.cpp] (default: every installed one)
                             [--tokens 32] [--repeats 3] [--warmup 1] [--n-ctx 0] [--out DIR]
 
 A checkpoint is exported to GGUF first (OUT/gguf, reused while the checkpoint is unchanged); an
@@ -45,11 +45,13 @@ import time
 from pathlib import Path
 
 from .bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
+from ...core.decoders.llama_library import LLAMA_LIBRARIES
+from ...core.pipeline import QUANTS
+from ..options import CommaList
 from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, report,
                      run_worker, stats, worker_main)
 
-QUANTS = ("q4_k_m", "q8_0", "f16")                              # the default set
-CHOICES = (*QUANTS, "q4_0", "iq4_xs", "q5_k_m")                 # every quant the export writes
+DEFAULT_QUANTS = ("q4_k_m", "q8_0", "f16")                      # of core's QUANTS
 QUESTIONS = ("What objects are on the table in front of the robot?",
              "Is the door open or closed?",
              "Describe the scene in detail.")
@@ -359,12 +361,9 @@ def run(a) -> dict:
     model = Path(a.model)
     if not model.is_dir():
         raise SystemExit(f"mobilevlm-bench decoder: model folder not found: {model}")
-    quants = [q.strip().lower() for q in a.quants.split(",") if q.strip()]
-    bad = [q for q in quants if q not in CHOICES]
-    if bad or not quants:
-        raise SystemExit(f"mobilevlm-bench decoder: unknown quant {bad} (choose from {', '.join(CHOICES)})")
+    quants = a.quants
     try:
-        engines = libraries_option(a.engines)
+        engines = libraries_option(",".join(a.libraries))     # none named: every installed one
     except ValueError as e:
         raise SystemExit(f"mobilevlm-bench decoder: {e}") from None
     threads = a.threads if a.threads > 0 else default_threads()
@@ -420,10 +419,11 @@ def main(argv=None) -> int:
         return code
     ap = argparse.ArgumentParser(prog="mobilevlm-bench decoder", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (exported first) or artifacts folder")
-    ap.add_argument("--quants", default=",".join(QUANTS),
-                    help=f"comma-separated, from {','.join(CHOICES)} (default {','.join(QUANTS)})")
-    ap.add_argument("--engines", default="", help="comma-separated: llama.cpp, ik_llama.cpp (default: every "
-                    "installed one)")
+    quants, libraries = CommaList(QUANTS, "quant"), CommaList(LLAMA_LIBRARIES, "library", allow_empty=True)
+    ap.add_argument("--quants", default=",".join(DEFAULT_QUANTS), type=quants,
+                    help=f"comma-separated, from {quants.names} (default {','.join(DEFAULT_QUANTS)})")
+    ap.add_argument("--libraries", default="", type=libraries,
+                    help=f"llama.cpp libraries, comma-separated: {libraries.names} (default: every installed one)")
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per run (EOS ignored)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -2,7 +2,7 @@
 
     mobilevlm-bench fidelity [--model CKPT] [--out DIR] [--quants f16,q8_0,q4_k_m,q4_0,iq4_xs,q5_k_m]
                              [--vision-dims 1.7b|tiny] [--questions 10] [--frames 5] [--tokens 32]
-                             [--engines llama.cpp,ik_llama.cpp] [--threads N] [--quick]
+                             [--libraries llama.cpp,ik_llama.cpp] [--threads N] [--quick]
 
 A random model's logits have near-ties that any rounding flips, so its greedy answers say little
 about a quantization. This bench uses the SmolLM2 test model instead (`mobilevlm-make-tiny
@@ -15,7 +15,7 @@ Prompts: --questions x --frames (the v1 prompt; synthetic camera-like frames), e
 greedily with --tokens new tokens at most. Every decoder is the product's own class, loaded the
 product's way (load_model / from_artifacts): the reference is TorchDecoder (float32) fed with the
 fp32 ONNX graph's image embeddings (OnnxRuntimeVision), each GGUF runs on LlamaCppDecoder with the
-same embeddings, once per engine (--engines; default every installed one: the same file on other
+same embeddings, once per llama.cpp library (--libraries; default every installed one: the same file on other
 kernels is other arithmetic).
 
   answers identical  greedy answer ids equal to the reference's, whole answer
@@ -47,9 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ...core.decoders.llama_library import LLAMA_LIBRARIES
+from ...core.pipeline import QUANTS
+from ..options import CommaList
 from .common import barh, finish_machine, machine_info, machine_line, report, stats
 
-QUANTS = ("f16", "q8_0", "q4_k_m", "q4_0", "iq4_xs", "q5_k_m")
 VISION_QUANT = "q4_k_m"          # the GGUF the int8-vision answers are also compared on
 QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many people are there?",
              "Is the door open or closed?", "What color is the largest object?",
@@ -228,12 +230,9 @@ def run(a) -> dict:
 
     threads = a.threads if a.threads > 0 else default_threads()
     torch.set_num_threads(threads)
-    quants = [q.strip().lower() for q in a.quants.split(",") if q.strip()]
-    bad = [q for q in quants if q not in QUANTS]
-    if bad or not quants:
-        raise SystemExit(f"mobilevlm-bench fidelity: unknown quant {bad} (choose from {', '.join(QUANTS)})")
+    quants = a.quants
     try:
-        engines = libraries_option(a.engines)
+        engines = libraries_option(",".join(a.libraries))     # none named: every installed one
     except ValueError as e:
         raise SystemExit(f"mobilevlm-bench fidelity: {e}") from None
     tmp = None
@@ -440,14 +439,15 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None,
                     help="checkpoint folder (default: the SmolLM2 test model, made in --out)")
     ap.add_argument("--out", default=None, help="folder for fidelity.json/.md/.png, the model and its export")
-    ap.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated: {','.join(QUANTS)}")
+    quants, libraries = CommaList(QUANTS, "quant"), CommaList(LLAMA_LIBRARIES, "library", allow_empty=True)
+    ap.add_argument("--quants", default=quants.names, type=quants, help=f"comma-separated: {quants.names}")
     ap.add_argument("--vision-dims", choices=("1.7b", "tiny"), default=None,
                     help="vision half of the SmolLM2 test model (default 1.7b: ViT-L/14-336; tiny with --quick)")
     ap.add_argument("--questions", type=int, default=None, help="questions per frame (default 10; 3 with --quick)")
     ap.add_argument("--frames", type=int, default=None, help="frames (default 5; 2 with --quick)")
     ap.add_argument("--tokens", type=int, default=None, help="max new tokens per answer (default 32; 8 with --quick)")
-    ap.add_argument("--engines", default="", help="comma-separated: llama.cpp, ik_llama.cpp (default: every "
-                    "installed one)")
+    ap.add_argument("--libraries", default="", type=libraries,
+                    help=f"llama.cpp libraries, comma-separated: {libraries.names} (default: every installed one)")
     ap.add_argument("--threads", type=int, default=0, help="0 = every core this process may use")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (see the defaults above)")
     a = ap.parse_args(argv)

@@ -4,9 +4,9 @@
                              [--repeats 5] [--threads N] [--out DIR] [--configs ours,reference]
                              (--configs also takes ours-llamacpp)
 
-`ours`: ONNX Runtime vision + the llamacpp decoder as the node loads it (engine auto: ik_llama.cpp on a
+`ours`: ONNX Runtime vision + the llamacpp decoder as the node loads it (llama_library auto: ik_llama.cpp on a
 CPU where it is installed); the frame was encoded when it arrived, a question evaluates only its own
-text and the answer. `ours-llamacpp`: the same on the llama.cpp engine. `reference`: what the official inference script does, PyTorch
+text and the answer. `ours-llamacpp`: the same on the llama.cpp library. `reference`: what the official inference script does, PyTorch
 float32 with transformers: CLIP + projector re-run for every question, then `generate` over the whole
 prompt. Both answer the same question about the same image with exactly `--tokens` generated tokens
 (EOS suppressed); each figure is the median (min–max) of --repeats questions after one warm-up.
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...core.onnx_export import DTYPES
+from ...core.pipeline import QUANTS
 from ..dev_packages import install_hint, missing
 from .common import (barh, finish_machine, fmt, machine_info, machine_line, minmax, peak_rss_mb, report,
                      run_worker, stats, worker_main)
@@ -229,8 +231,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mobilevlm-bench question", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (e.g. make-tiny --dims 1.7b)")
     ap.add_argument("--artifacts", help="exported folder; default: export into OUT/artifacts")
-    ap.add_argument("--quant", default="q4_k_m")
-    ap.add_argument("--vision-dtype", default="fp32", help="ONNX graph for ours: fp32|fp16|int8")
+    ap.add_argument("--quant", default="q4_k_m", choices=QUANTS)
+    ap.add_argument("--vision-dtype", default="fp32", choices=DTYPES, help="ONNX graph for ours")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)

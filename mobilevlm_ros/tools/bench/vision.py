@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...core.onnx_export import DTYPES
+from ...core.pipeline import VISION_BACKENDS
+from ..options import CommaList
 from .common import barh, finish_machine, machine_info, machine_line, report
 
 
@@ -141,8 +144,7 @@ def run(a) -> dict:
     if artifacts is None:
         tmp = tempfile.TemporaryDirectory(prefix="mobilevlm-bench-")
         artifacts = Path(tmp.name)
-    backends = [b for b in a.backends.split(",") if b]
-    dtypes = [d for d in a.dtypes.split(",") if d]
+    backends, dtypes = a.backends, a.dtypes
     batches = [int(b) for b in a.batches.split(",") if b]
     if a.threads:
         import torch
@@ -262,8 +264,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint folder or artifacts folder")
     ap.add_argument("--artifacts", default=None, help="where to export a checkpoint's graphs")
     ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--backends", default="torch,onnxruntime", help="torch,onnxruntime,tensorrt")
-    ap.add_argument("--dtypes", default="fp32,fp16,int8", help="ONNX graphs for onnxruntime/tensorrt")
+    backends, dtypes = CommaList(VISION_BACKENDS, "vision backend"), CommaList(DTYPES, "vision dtype")
+    ap.add_argument("--backends", default="torch,onnxruntime", type=backends, help=f"comma-separated: {backends.names}")
+    ap.add_argument("--dtypes", default=dtypes.names, type=dtypes,
+                    help=f"ONNX graphs for onnxruntime/tensorrt, comma-separated: {dtypes.names}")
     ap.add_argument("--threads", type=int, default=0, help="0 = library default")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
