@@ -14,7 +14,9 @@ from mobilevlm_ros.engine.engine import Engine, SimClock
 from mobilevlm_ros.engine.frames import NS
 from mobilevlm_ros.engine.images import RawImage
 from mobilevlm_ros.engine.requests import Request, Status
-from models_fixtures import synthetic_frame
+
+from helpers.frames import synthetic_frame
+from helpers.waiting import wait_for
 
 T0 = 1_700_000_000 * NS
 Q = "What is in the picture?"
@@ -207,15 +209,6 @@ def test_offer_rejects_and_counts(torch_model):
 
 
 # ------------------------------------------------------------------------------------ threaded
-def wait_for(pred, timeout=30.0):
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
-
-
 def test_threaded_prefill_then_question_about_that_frame(cpp_model, tiny_v2_artifacts):
     """The worker encodes and prefills the newest frame while idle; the question then pays only for
     its text, and answers as a fresh decoder would (the determinism contract)."""

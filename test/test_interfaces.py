@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers.skips import skip_reason_if_missing
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers.skips import skip_reason_if_missing
 
 for _mod in ("llama_cpp", "gguf"):
     _reason = skip_reason_if_missing(_mod)
@@ -37,8 +37,8 @@ from mobilevlm_ros.core.pipeline import LoadOptions  # noqa: E402
 from mobilevlm_ros.core.prompt import PromptIds, build_prompt  # noqa: E402
 from mobilevlm_ros.core.tokenizer import Tokenizer  # noqa: E402
 from mobilevlm_ros.core.vision import ImageEmbedding, TorchVision  # noqa: E402
-from logit_checks import MarginTally, position_errors  # noqa: E402
-from models_fixtures import synthetic_frame, tiny_v1, tiny_v2  # noqa: E402,F401
+from helpers.logits import MarginTally, position_errors  # noqa: E402
+from helpers.frames import synthetic_frame  # noqa: E402
 
 QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many people are there?")
 GREEDY16 = GenerationParams(max_new_tokens=16)

@@ -7,7 +7,7 @@ from mobilevlm_ros.core.errors import RequestError
 from mobilevlm_ros.core.generation import AnswerBuilder, GenerationParams
 from mobilevlm_ros.core.pipeline import load_model
 from mobilevlm_ros.core.tokenizer import Tokenizer
-from models_fixtures import synthetic_frame
+from helpers.frames import synthetic_frame
 
 
 @pytest.fixture(scope="module")

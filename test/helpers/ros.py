@@ -1,9 +1,8 @@
 """What the ROS-level tests share: the test's side of the graph (publishers, service/action clients,
-diagnostics listener), a node process and waiting helpers. Import after checking that rclpy and the
-generated interfaces import (the test modules skip first)."""
+diagnostics listener) and matching a service client with its server. Import after checking that
+rclpy and the generated interfaces import (the test modules skip first)."""
 import threading
 import time
-from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -19,33 +18,11 @@ from mobilevlm_ros.action import Ask as AskAction
 from mobilevlm_ros.msg import Answer
 from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
 from mobilevlm_ros.srv import Ask as AskService
-from mobilevlm_ros.tools.synthetic import pattern_frame
+from helpers.waiting import wait_for, wait_future
 
-REPO = Path(__file__).resolve().parent.parent
 NODE = "/mobilevlm"
 QUESTION = "What is in the picture?"
 TOKENS = 12
-
-
-def synthetic(h=120, w=160, seed=0):
-    return pattern_frame(h, w, seed)
-
-
-def wait_for(predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
-def wait_future(future, timeout):
-    done = threading.Event()
-    future.add_done_callback(lambda _f: done.set())
-    assert done.wait(timeout), f"no reply within {timeout} s"
-    return future.result()
 
 
 # requests that change nothing, one per service type a test calls: answered, they show that both
