@@ -295,18 +295,28 @@ def test_threaded_cancel_stop_and_one_result_each(torch_model):
     assert late.result(0).status == Status.UNAVAILABLE
 
 
-def test_captions_are_published_when_idle(torch_model):
+def test_captions_are_published_when_idle(torch_model, monkeypatch):
     got = []
     engine = Engine(torch_model, EngineConfig(vision_rate_hz=0.0, caption_period_s=0.05, max_new_tokens=3,
                                               prefill_frames=False))
     engine.on_answer = lambda req, res: got.append((req.kind, res.status))
+    # count the caption ticks that were due (each moves the next one on), to wait for them below
+    due_ticks, real_tick = [], engine._caption_tick
+
+    def tick():
+        before = engine._next_caption_ns
+        real_tick()
+        if engine._next_caption_ns != before:
+            due_ticks.append(before)
+    monkeypatch.setattr(engine, "_caption_tick", tick)
     engine.start()
     try:
         now = time.time_ns()
         engine.offer_raw("front", header(now), now, raw(synthetic_frame(120, 160, 5)))
         assert wait_for(lambda: got)
         assert got[0] == ("caption", Status.OK)
-        time.sleep(0.3)
+        n = len(due_ticks)
+        assert wait_for(lambda: len(due_ticks) >= n + 5)      # five more due ticks saw the same frame
         assert engine.stats().counts["captions"] == 1          # one caption per new frame
     finally:
         engine.stop("test over")

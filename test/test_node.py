@@ -200,7 +200,7 @@ def test_idle_node_prefills_the_newest_frame(client):
     try:
         n = prefilled()
         client.publish_and_wait_encoded("front", synthetic_frame(seed=12))
-        time.sleep(1.0)                                 # five diagnostics periods
+        client.wait_diagnostics(5)      # the idle worker has had five diagnostics periods to prefill
         assert prefilled() == n
         assert client.ask().success
     finally:
@@ -493,9 +493,10 @@ def test_deactivate_and_activate(own_node):
 def test_sigint_shuts_the_node_down_cleanly(own_node):
     node, client = own_node
     client.publish_and_wait_encoded("front", synthetic_frame())
-    handle = client.goal(max_new_tokens=1500)
+    generating = threading.Event()
+    handle = client.goal(max_new_tokens=1500, feedback=lambda fb: generating.set())
     wrapped = handle.get_result_async()
-    time.sleep(0.3)
+    assert generating.wait(60), "generation did not start"     # SIGINT in the middle of an answer
     node.proc.send_signal(signal.SIGINT)
     assert node.proc.wait(30) == 0, node.log()
     if wrapped.done():                     # answered before the signal, or cancelled by the shutdown
@@ -643,7 +644,7 @@ def test_annotated_image_is_the_answered_frame_drawn_only_while_watched(client):
         n_images, n_jpegs = len(images), len(jpegs)
         offered = count("offered")
         assert client.ask(camera="left").status.code == Status.NO_FRAME
-        time.sleep(1.0)                                     # five diagnostics periods
+        client.wait_diagnostics(5)      # five diagnostics periods in which nothing is drawn or published
         assert (len(images), len(jpegs)) == (n_images, n_jpegs)
         assert count("drawn") == drawn + 1 and count("offered") == offered and count("errors") == 0
     finally:

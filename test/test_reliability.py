@@ -33,6 +33,7 @@ from rclpy.duration import Duration  # noqa: E402
 from sensor_msgs.msg import CompressedImage  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from mobilevlm_ros.msg import Status  # noqa: E402
 from mobilevlm_ros.tools.traffic import CameraStream, Flood, NodeUnderTest  # noqa: E402
 
 from helpers.frames import synthetic_frame  # noqa: E402
@@ -134,15 +135,21 @@ def test_bad_request_gets_its_error_a_count_and_the_next_question_an_answer(clie
 
 
 def test_a_camera_that_stops_publishing_gets_no_answer_from_its_stale_frame(client):
+    """As a client must: branch on status.code, read the frame's age from structured fields (the
+    response's frame_age_ms, the camera's diagnostics); the error text is for people, checked for
+    saying why, never parsed."""
     assert client.set_param("max_frame_age_s", 1.0).successful
     try:
         published = time.monotonic()
         client.publish_and_wait_encoded("rear", synthetic_frame(seed=3))
-        assert client.ask(camera="rear").success
-        time.sleep(1.5)                         # the camera has gone quiet
+        ok = client.ask(camera="rear")
+        assert ok.success and ok.status.code == Status.OK and ok.frame_age_ms <= 1000.0, (ok.frame_age_ms, ok.error)
+        time.sleep(1.5)                         # the camera goes quiet: only time makes its frame stale
         res = client.ask(camera="rear")
-        assert not res.success and "no frame newer than 1 s from camera 'rear' (latest is " in res.error, res.error
-        age = float(res.error.split("(latest is ")[1].split(" s old")[0])
+        assert not res.success and res.status.code == Status.NO_FRAME, (res.status.code, res.error)
+        assert "no frame newer than 1 s from camera 'rear' (latest is " in res.error, res.error
+        client.wait_diagnostics(2)              # published after the answer: the age it was judged by, or more
+        age = float(client.camera("rear")["latest_frame_age_s"])
         assert 1.5 <= age <= time.monotonic() - published + 0.05, (age, res.error)
     finally:
         assert client.set_param("max_frame_age_s", 600.0).successful

@@ -80,11 +80,18 @@ class Client:
         self.node.destroy_node()
 
     def _on_diag(self, msg):
-        for st in msg.status:
-            if st.name.startswith(self.ns.strip("/") + ":"):
-                self.diag[st.name.split(": ", 1)[1]] = {"level": st.level, "message": st.message,
-                                      **{kv.key: kv.value for kv in st.values}}
-        self.diag_count += 1
+        ours = [st for st in msg.status if st.name.startswith(self.ns.strip("/") + ":")]
+        for st in ours:
+            self.diag[st.name.split(": ", 1)[1]] = {"level": st.level, "message": st.message,
+                                                    **{kv.key: kv.value for kv in st.values}}
+        self.diag_count += bool(ours)       # messages from this node (other nodes publish there too)
+
+    def wait_diagnostics(self, n, timeout=10.0):
+        """Wait for n more /diagnostics messages from the node (one every diagnostics_period_s):
+        then self.diag holds what it counted before the call, and its timers have run n times."""
+        target = self.diag_count + n
+        assert wait_for(lambda: self.diag_count >= target, timeout), \
+            f"{n - (target - self.diag_count)} of {n} diagnostics messages within {timeout} s"
 
     def camera(self, cam):
         return self.diag.get(f"camera {cam}", {})
