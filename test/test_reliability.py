@@ -164,6 +164,7 @@ def test_cancel_stops_generation_within_one_token(client):
     wait_future(handle.cancel_goal_async(), 10)
     wrapped = wait_future(handle.get_result_async(), 10)
     assert wrapped.status == GoalStatus.STATUS_CANCELED, wrapped.result.error
+    assert wrapped.result.status.code == Status.CANCELLED, wrapped.result.error
     error = wrapped.result.error
     assert "tokens after the cancel request" in error, error
     after = int(error.split("(")[-1].split()[0])
