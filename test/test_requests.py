@@ -12,7 +12,6 @@ from mobilevlm_ros.engine.requests import Request, generation_params
 from helpers import REPO
 
 
-
 def _interface_comments():
     """{field: its comment} of srv/Ask.srv's request (the comment lines just above each field)."""
     comments, lines = {}, []
