@@ -6,7 +6,6 @@ table, JSON and plot, and reports figures that are consistent with each other.""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,8 @@ from mobilevlm_ros.tools.bench.memory import config_name, library_of, parse_conf
 from mobilevlm_ros.tools.bench.node import window_figures
 from mobilevlm_ros.tools.traffic import Outcome
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SUBS = ("decoder", "vision", "question", "memory", "node")
 
 

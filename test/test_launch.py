@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from helpers.skips import LAUNCH_DIR, launch_skip_reason
 
-REPO = Path(__file__).resolve().parent.parent
 COLCON = REPO / "build" / "colcon-venv" / "bin" / "colcon"
 # what the package is built from: a copy, as a robot's workspace holds it. The checkout itself holds
 # .venv, and CMake refuses exported targets whose include folders (numpy's, in .venv) lie in the

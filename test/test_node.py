@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import REPO
 from helpers.skips import skip_reason_if_missing
 
-REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "config" / "mobilevlm.yaml"
 NODE = "/mobilevlm"
 MAX_QUESTION_CHARS = 200

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from helpers.skips import skip_reason_if_missing
 
-REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "config" / "mobilevlm.yaml"
 DOC = REPO / "docs" / "reliability.md"
 NAME = "mobilevlm_rel"
