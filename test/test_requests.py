@@ -24,13 +24,14 @@ def _interface_comments():
     return comments
 
 
+MEANINGS = {"temperature": "negative = node default", "top_p": "negative = node default",
+            "max_frame_age_ms": "0 = node default, negative = any cached frame"}
+
+
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("field,meaning", [
-    ("temperature", "negative = node default"),
-    ("top_p", "negative = node default"),
-    ("max_frame_age_ms", "0 = node default, negative = any cached frame"),
-])
-def test_a_non_finite_setting_is_refused_saying_what_the_interface_says(field, meaning, value):
+@pytest.mark.parametrize("field", MEANINGS)
+def test_a_non_finite_setting_is_refused_saying_what_the_interface_says(field, value):
+    meaning = MEANINGS[field]
     with pytest.raises(RequestError) as e:
         generation_params(Request("q", **{field: value}), EngineConfig())
     assert str(e.value) == f"{field} must be a finite number ({meaning}), got {value}"
