@@ -3,7 +3,7 @@ import threading
 import time
 
 
-def wait_for(predicate, timeout=30.0, interval=0.01):
+def wait_for(predicate, timeout=30.0, interval=0.05):
     """Poll `predicate` until it returns a true value or `timeout` seconds pass. Returns its last
     value: true when it came in time (use it: `assert wait_for(...)`, `x = wait_for(...)`)."""
     deadline = time.monotonic() + timeout
