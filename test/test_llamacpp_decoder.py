@@ -433,7 +433,7 @@ def test_streaming_callback_order(v2, dec):
     assert [t for t, _ in calls] == g.ids
     assert calls[-1][1] == g.text
     for (_, s), ids in zip(calls, (g.ids[:i + 1] for i in range(len(g.ids)))):
-        assert s == v2.tok.decode(ids).strip()
+        assert s == v2.tok.decode(ids).rstrip("\ufffd").strip()     # an unfinished character held back
     assert g.finish_reason in ("stop", "length") and g.completion_tokens == len(g.ids)
     assert g.first_token_ms > 0 and g.decode_ms > 0 and g.prefill_ms > 0
 
