@@ -1,4 +1,5 @@
-"""Shared pytest set-up for mobilevlm_ros.
+"""The test session's set-up, fixtures and hooks for mobilevlm_ros (shared helpers: the `helpers`
+package beside this file).
 
 - Isolation for tests that start ROS nodes: a ROS_DOMAIN_ID of its own for this test session and
   discovery limited to this machine, unless the caller already set them.
@@ -7,25 +8,20 @@
     ros       needs rclpy (and the generated mobilevlm_ros interfaces)
     gpu       needs a CUDA device visible to torch
     tensorrt  needs the tensorrt Python package
-    launch    needs launch_pytest / launch_ros and ../shared/ros-launch (see launch_skip_reason)
+    launch    needs launch_pytest / launch_ros and ../shared/ros-launch (helpers.skips.launch_skip_reason)
     slow      takes long; runs by default, deselect with -m "not slow"
 - rclpy_context: a session-wide rclpy Context of its own (not the default context); pass it as
   context= to nodes and executors.
-- skip_reason_if_missing(module): None when the module imports, else a one-line reason.
-  Import it in a test module with `from conftest import skip_reason_if_missing`.
-- launch_skip_reason(): None when the launch tests can run here, else why not. LAUNCH_DIR: the
-  folder of the ROS launch wheels and composition_interfaces (../shared/ros-launch beside the
-  checkout, or MOBILEVLM_ROS_LAUNCH_DIR), which scripts/test.sh installs from.
-- The fixtures of test/models_fixtures.py (tiny checkpoints) are available to every test.
+- tiny_v1, tiny_v2, tiny_ckpt (both): tiny random checkpoints in the published layout, made by the
+  project's own tool; tiny_v2_artifacts: tiny_v2 exported as the product runs it.
 """
 
-import importlib
 import os
-from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["models_fixtures"]
+from mobilevlm_ros.tools.make_tiny import make_checkpoint
+from helpers.skips import gpu_skip_reason, launch_skip_reason, skip_reason_if_missing
 
 
 def _unset(name):
@@ -40,51 +36,10 @@ if _unset("ROS_AUTOMATIC_DISCOVERY_RANGE"):
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 
 
-_MISSING = {}
-
-
-def skip_reason_if_missing(module):
-    """Return None if `module` imports, else a short reason to skip a test that needs it."""
-    if module not in _MISSING:
-        try:
-            importlib.import_module(module)
-            _MISSING[module] = None
-        except Exception as exc:  # ImportError, or a native library that fails to load
-            _MISSING[module] = f"needs {module}, which does not import here: {type(exc).__name__}: {exc}"
-    return _MISSING[module]
-
-
-# where scripts/setup.sh --test (scripts/test.sh) takes the ROS launch packages from: the same rule
-LAUNCH_DIR = Path(os.environ.get("MOBILEVLM_ROS_LAUNCH_DIR")
-                  or Path(__file__).resolve().parent.parent.parent / "shared" / "ros-launch")
-
-
-def launch_skip_reason():
-    """None when the launch tests can run: the ROS launch packages are installed and the folder
-    they came from (with composition_interfaces, which the tests build) is here."""
-    if not (LAUNCH_DIR / "composition_interfaces" / "package.xml").is_file():
-        return (f"no ROS launch packages here: {LAUNCH_DIR} does not exist (../shared/ros-launch beside "
-                "the checkout, or set MOBILEVLM_ROS_LAUNCH_DIR); scripts/test.sh installs them from there")
-    for module in ("launch_pytest", "launch_ros.actions", "rclpy", "mobilevlm_ros.srv"):
-        reason = skip_reason_if_missing(module)
-        if reason:
-            return f"{reason} (scripts/test.sh installs it from {LAUNCH_DIR})"
-    return None
-
-
-def _gpu_skip_reason():
-    reason = skip_reason_if_missing("torch")
-    if reason:
-        return reason
-    import torch
-
-    return None if torch.cuda.is_available() else "needs a CUDA GPU (torch.cuda.is_available() is False)"
-
-
 # marker -> function returning None (run) or the reason to skip
 _MARKER_CHECKS = {
     "ros": lambda: skip_reason_if_missing("rclpy") or skip_reason_if_missing("mobilevlm_ros.srv"),
-    "gpu": _gpu_skip_reason,
+    "gpu": gpu_skip_reason,
     "tensorrt": lambda: skip_reason_if_missing("tensorrt"),
     "launch": launch_skip_reason,
 }
@@ -131,3 +86,27 @@ def rclpy_context():
         yield context
     finally:
         context.try_shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-v2", "ldpnetv2", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v1(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-v1", "ldpnet", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session", params=["v1", "v2"])
+def tiny_ckpt(request, tiny_v1, tiny_v2):
+    return tiny_v1 if request.param == "v1" else tiny_v2
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_artifacts(tiny_v2, tmp_path_factory):
+    """tiny_v2 exported as the product runs it: ONNX vision graphs (fp32, int8) + GGUF decoders."""
+    from mobilevlm_ros.tools.export import export
+    out = tmp_path_factory.mktemp("models") / "tiny-v2-artifacts"
+    export(tiny_v2, out, ["fp32", "int8"], ["f16", "q8_0", "q4_k_m"], quiet=True)
+    return out

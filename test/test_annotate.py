@@ -16,7 +16,7 @@ from mobilevlm_ros.engine.engine import Engine, SimClock
 from mobilevlm_ros.engine.frames import NS, Frame
 from mobilevlm_ros.engine.images import RawImage
 from mobilevlm_ros.engine.requests import Request, Result, Status
-from models_fixtures import synthetic_frame
+from helpers.frames import synthetic_frame
 
 T0 = 1_700_000_000 * NS
 LONG = " ".join(f"word{i}" for i in range(400))

@@ -6,19 +6,20 @@ table, JSON and plot, and reports figures that are consistent with each other.""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from mobilevlm_ros.core.pipeline import LLAMACPP_ENGINES
 from mobilevlm_ros.tools.bench import all as bench_all
 from mobilevlm_ros.tools.bench.bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
 from mobilevlm_ros.tools.bench.batches import parse_sizes
 from mobilevlm_ros.tools.bench.common import fmt, stats
-from mobilevlm_ros.tools.bench.memory import parse_configs
+from mobilevlm_ros.tools.bench.memory import config_name, library_of, parse_configs
 from mobilevlm_ros.tools.bench.node import window_figures
 from mobilevlm_ros.tools.traffic import Outcome
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SUBS = ("decoder", "vision", "question", "memory", "node")
 
 
@@ -86,6 +87,20 @@ def test_memory_configurations_are_parsed_or_refused():
     for bad in ("int8", "+q4_k_m", "int8+"):
         with pytest.raises(ValueError, match="VISION_DTYPE\\+QUANT"):
             parse_configs(bad)
+
+
+def test_memory_rows_name_the_library_the_node_ran_on():
+    """The row label says which library the llamacpp decoder ran on, as the node's model diagnostics
+    report it (llamacpp_engine auto picks at load), not "llama.cpp" whatever ran."""
+    [onnx, torch_vision] = parse_configs("int8+q4_k_m,bf16+q8_0")
+    for library in ("llama.cpp", "ik_llama.cpp"):
+        reported = library_of({"vision_backend": "onnxruntime", "decoder": "llamacpp", "engine": library})
+        assert reported == library
+        assert config_name(onnx, reported) == f"onnxruntime int8 + {library} q4_k_m"
+        assert config_name(torch_vision, reported) == f"torch bf16 + {library} q8_0"
+    assert config_name(onnx) == "onnxruntime int8 + llamacpp q4_k_m"            # before it ran
+    # a TensorRT vision engine file beside the torch decoder is not a decoder library
+    assert library_of({"vision_backend": "tensorrt", "engine": "vision.engine", "decoder": "torch"}) is None
 
 
 def test_batch_sizes_are_parsed_or_refused():
@@ -191,6 +206,8 @@ def test_bench_all_quick_end_to_end(tmp_path, tiny_v2):
     for c in mem:
         assert "error" not in c, c
         assert 0 < c["loaded_mb"]["median"] <= c["peak_mb"]["median"], c["config"]
+    for c in mem[:-1]:      # the llamacpp rows: labelled with the library their node reported
+        assert c["library"] in LLAMACPP_ENGINES and f" + {c['library']} " in c["config"], c["config"]
 
     streams = res["node"]["streams"]
     assert {(s["stream"], s["dds"]) for s in streams} == {

@@ -14,7 +14,9 @@ from mobilevlm_ros.engine.engine import Engine, SimClock
 from mobilevlm_ros.engine.frames import NS
 from mobilevlm_ros.engine.images import RawImage
 from mobilevlm_ros.engine.requests import Request, Status
-from models_fixtures import synthetic_frame
+
+from helpers.frames import synthetic_frame
+from helpers.waiting import wait_for
 
 T0 = 1_700_000_000 * NS
 Q = "What is in the picture?"
@@ -207,15 +209,6 @@ def test_offer_rejects_and_counts(torch_model):
 
 
 # ------------------------------------------------------------------------------------ threaded
-def wait_for(pred, timeout=30.0):
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
-
-
 def test_threaded_prefill_then_question_about_that_frame(cpp_model, tiny_v2_artifacts):
     """The worker encodes and prefills the newest frame while idle; the question then pays only for
     its text, and answers as a fresh decoder would (the determinism contract)."""
@@ -302,18 +295,28 @@ def test_threaded_cancel_stop_and_one_result_each(torch_model):
     assert late.result(0).status == Status.UNAVAILABLE
 
 
-def test_captions_are_published_when_idle(torch_model):
+def test_captions_are_published_when_idle(torch_model, monkeypatch):
     got = []
     engine = Engine(torch_model, EngineConfig(vision_rate_hz=0.0, caption_period_s=0.05, max_new_tokens=3,
                                               prefill_frames=False))
     engine.on_answer = lambda req, res: got.append((req.kind, res.status))
+    # count the caption ticks that were due (each moves the next one on), to wait for them below
+    due_ticks, real_tick = [], engine._caption_tick
+
+    def tick():
+        before = engine._next_caption_ns
+        real_tick()
+        if engine._next_caption_ns != before:
+            due_ticks.append(before)
+    monkeypatch.setattr(engine, "_caption_tick", tick)
     engine.start()
     try:
         now = time.time_ns()
         engine.offer_raw("front", header(now), now, raw(synthetic_frame(120, 160, 5)))
         assert wait_for(lambda: got)
         assert got[0] == ("caption", Status.OK)
-        time.sleep(0.3)
+        n = len(due_ticks)
+        assert wait_for(lambda: len(due_ticks) >= n + 5)      # five more due ticks saw the same frame
         assert engine.stats().counts["captions"] == 1          # one caption per new frame
     finally:
         engine.stop("test over")

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers.skips import skip_reason_if_missing
 
 for _mod in ("llama_cpp", "gguf", "tokenizers"):
     _reason = skip_reason_if_missing(_mod)
@@ -46,8 +46,8 @@ from mobilevlm_ros.tools.bench import fidelity  # noqa: E402
 from mobilevlm_ros.tools.bench.fidelity import teacher_forced_logits  # noqa: E402
 from mobilevlm_ros.tools.bench.common import cpu_model  # noqa: E402
 from mobilevlm_ros.tools.make_tiny import make_smollm2_checkpoint, smollm2_gguf  # noqa: E402
-from logit_checks import MarginTally  # noqa: E402
-from models_fixtures import synthetic_frame, tiny_v2  # noqa: E402,F401
+from helpers.logits import MarginTally  # noqa: E402
+from helpers.frames import synthetic_frame  # noqa: E402
 
 QUESTIONS = ("What is in the image?", "Describe the scene in detail.")
 GREEDY16 = GenerationParams(max_new_tokens=16)

@@ -193,7 +193,7 @@ def torch_threads():
 def ray_cluster():
     """A Ray cluster on this machine, 127.0.0.1 only: a head without CPUs (the driver's side) and
     two one-CPU nodes, so each fleet worker (one CPU) runs on a node of its own."""
-    from conftest import skip_reason_if_missing
+    from helpers.skips import skip_reason_if_missing
     if reason := skip_reason_if_missing("ray"):
         pytest.skip(reason)
     import ray
@@ -301,7 +301,7 @@ def test_ctrl_c_keeps_finished_bags_and_the_same_command_resumes(bags, baseline,
     """SIGINT to a running `mobilevlm-replay --out-dir` (a local Ray of its own, one worker): it
     stops within seconds, exit 130, the bags finished are complete and nothing is half-written;
     the same command again skips them and does the rest (here in this process, --workers 0)."""
-    from conftest import skip_reason_if_missing
+    from helpers.skips import skip_reason_if_missing
     if reason := skip_reason_if_missing("ray"):
         pytest.skip(reason)
     out = tmp_path / "out"
@@ -463,7 +463,7 @@ def test_a_cluster_with_token_auth_refuses_a_driver_without_the_token(bags, base
     import secrets
     import socket
     import tempfile
-    from conftest import skip_reason_if_missing
+    from helpers.skips import skip_reason_if_missing
     if reason := skip_reason_if_missing("ray"):
         pytest.skip(reason)
     ray_exe = Path(sys.executable).with_name("ray")

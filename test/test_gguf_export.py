@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers.skips import skip_reason_if_missing
 
 for _mod in ("llama_cpp", "gguf"):
     _reason = skip_reason_if_missing(_mod)
@@ -31,7 +31,6 @@ from mobilevlm_ros.core.errors import ModelLoadError  # noqa: E402
 from mobilevlm_ros.core.gguf_export import (QUANT_FTYPES, export_gguf, gguf_tensor_name,  # noqa: E402
                                             permute_qk)
 from mobilevlm_ros.core.tokenizer import Tokenizer  # noqa: E402
-from models_fixtures import tiny_v2  # noqa: E402,F401
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from conftest import skip_reason_if_missing
+from helpers.skips import skip_reason_if_missing
 from mobilevlm_ros.core.errors import ImageError
 from mobilevlm_ros.engine import images
 from mobilevlm_ros.engine.images import (ENCODINGS, MAX_DIM, SUPPORTED, RawImage, check_compressed, check_raw,
@@ -592,7 +592,7 @@ def test_damaged_jpeg_and_png_files_never_crash(which, cut, flips):
 
 # ------------------------------------------------------------------------ the reliability corpus
 def _corpus_frames():
-    import malformed_corpus
+    from helpers import malformed_corpus
     return [c for c in malformed_corpus.FRAMES if not {"stamp_offset_s", "stamp_sec"} & set(c[2])]
 
 
@@ -600,14 +600,14 @@ def _corpus_frames():
 def test_corpus_frames_get_their_documented_error_without_a_node(case):
     """test_reliability sends these to a live node; here the same fields meet images.py directly
     (raw frames must be refused by check_raw, in the image callback, not later)."""
-    import malformed_corpus
+    from helpers import malformed_corpus
     _, topic, fields, expected = case
     fields = dict(fields)
     with pytest.raises(ImageError) as e:
         if topic == "compressed":
             check_compressed(fields["format"], fields["data"])
             compressed_to_rgb(fields["format"], fields["data"])
-        else:       # what ros_helpers.Client.publish makes of the fields
+        else:       # what helpers.ros.Client.publish makes of the fields
             pixels = fields.pop("pixels", malformed_corpus.GOOD)
             m = SimpleNamespace(encoding="rgb8", height=pixels.shape[0], width=pixels.shape[1],
                                 step=pixels.shape[1] * (pixels.shape[2] if pixels.ndim == 3 else 1) * pixels.itemsize,

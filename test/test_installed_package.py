@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_reason_if_missing
-from install_helpers import PIP, PY_DIR, REPO, build_wheel, run
+from helpers.skips import skip_reason_if_missing
+from helpers import REPO
+from helpers.install import PIP, PY_DIR, build_wheel, run
 
 DEV_PREFIX = Path(sys.prefix)
 DEV_SITE = Path(sysconfig.get_paths()["purelib"])

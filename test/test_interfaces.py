@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers import REPO
+from helpers.skips import skip_reason_if_missing
 
-REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.ros
 

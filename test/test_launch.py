@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAUNCH_DIR, launch_skip_reason
+from helpers import REPO
+from helpers.skips import LAUNCH_DIR, launch_skip_reason
 
-REPO = Path(__file__).resolve().parent.parent
 COLCON = REPO / "build" / "colcon-venv" / "bin" / "colcon"
 # what the package is built from: a copy, as a robot's workspace holds it. The checkout itself holds
 # .venv, and CMake refuses exported targets whose include folders (numpy's, in .venv) lie in the
@@ -52,7 +52,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 
 from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS  # noqa: E402
 from mobilevlm_ros.srv import Ask  # noqa: E402
-from ros_helpers import wait_for, wait_future  # noqa: E402
+from helpers.waiting import wait_for, wait_future  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +219,7 @@ class Graph:
 
     def call(self, client, request, timeout, attempt_s=5.0):
         """A reply to `request`, sent again while none comes: a reply can be lost while the
-        service's reader of it is still being matched (see ros_helpers.match_service)."""
+        service's reader of it is still being matched (see helpers.ros.match_service)."""
         deadline = time.monotonic() + timeout
         assert client.wait_for_service(timeout_sec=timeout), f"no server for {client.srv_name}"
         while True:

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers.skips import skip_reason_if_missing
 
 for _mod in ("llama_cpp", "gguf"):
     _reason = skip_reason_if_missing(_mod)
@@ -40,8 +40,8 @@ from mobilevlm_ros.core.prompt import PromptIds, build_prompt  # noqa: E402
 from mobilevlm_ros.core.tokenizer import Tokenizer  # noqa: E402
 from mobilevlm_ros.core.vision import ImageEmbedding, TorchVision  # noqa: E402
 from mobilevlm_ros.tools.bench.fidelity import teacher_forced_logits  # noqa: E402
-from logit_checks import MarginTally, position_errors  # noqa: E402
-from models_fixtures import synthetic_frame, tiny_v1, tiny_v2  # noqa: E402,F401
+from helpers.logits import MarginTally, position_errors  # noqa: E402
+from helpers.frames import synthetic_frame  # noqa: E402
 
 QUESTIONS = ("What is in the image?", "Describe the scene in detail.", "How many people are there?")
 GREEDY16 = GenerationParams(max_new_tokens=16)
@@ -434,7 +434,7 @@ def test_streaming_callback_order(v2, dec):
     assert [t for t, _ in calls] == g.ids
     assert calls[-1][1] == g.text
     for (_, s), ids in zip(calls, (g.ids[:i + 1] for i in range(len(g.ids)))):
-        assert s == v2.tok.decode(ids).strip()
+        assert s == v2.tok.decode(ids).rstrip("\ufffd").strip()     # an unfinished character held back
     assert g.finish_reason in ("stop", "length") and g.completion_tokens == len(g.ids)
     assert g.first_token_ms > 0 and g.decode_ms > 0 and g.prefill_ms > 0
 

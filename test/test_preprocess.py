@@ -6,7 +6,7 @@ from PIL import Image
 from mobilevlm_ros.core.errors import ImageError
 from mobilevlm_ros.core.preprocess import (CLIP_MEAN, CLIP_STD, PAD_RGB, as_rgb, pad_to_square,
                                            preprocess, preprocess_uint8)
-from models_fixtures import FRAMES, synthetic_frame
+from helpers.frames import FRAMES, synthetic_frame
 
 
 def reference_pixels(rgb: np.ndarray) -> np.ndarray:

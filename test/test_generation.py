@@ -7,7 +7,7 @@ from mobilevlm_ros.core.errors import RequestError
 from mobilevlm_ros.core.generation import AnswerBuilder, GenerationParams
 from mobilevlm_ros.core.pipeline import load_model
 from mobilevlm_ros.core.tokenizer import Tokenizer
-from models_fixtures import synthetic_frame
+from helpers.frames import synthetic_frame
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,21 @@ def test_stop_rules(tiny_v2):
     results = [b.push(t) for t in words + pieces]
     assert results[-1] is False and b.finish_reason == "stop"
     assert b.answer() == "a red box" and b.ids == words
+
+
+def test_an_unfinished_character_is_held_back_while_streaming_and_dropped_at_the_end(tiny_v2):
+    """'€' is three byte tokens for this tokenizer: cut after two of them (max_new_tokens), the
+    answer ends before it instead of in U+FFFD; streamed, no text shows U+FFFD and each text is the
+    start of the answer."""
+    tok = Tokenizer(tiny_v2 / "tokenizer.model")
+    ids = tok.encode("ab €x")
+    euro = [i for i in ids if tok.sp.is_byte(i)]
+    assert len(euro) == 3 and tok.decode(ids[:ids.index(euro[1]) + 1]).endswith("\ufffd\ufffd")
+    for cut, want in ((ids.index(euro[1]) + 1, "ab"), (ids.index(euro[2]) + 1, "ab €"), (len(ids), "ab €x")):
+        streamed = []
+        b = AnswerBuilder(tok, GenerationParams(max_new_tokens=cut), on_token=lambda _t, text: streamed.append(text))
+        results = [b.push(t) for t in ids[:cut]]
+        assert results[-1] is False and b.finish_reason == "length" and b.ids == ids[:cut]
+        assert b.answer() == want, (cut, b.answer())
+        assert len(streamed) == cut and streamed[-1] == want
+        assert all("\ufffd" not in text and want.startswith(text) for text in streamed), streamed

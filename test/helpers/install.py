@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 PY_DIR = f"python{sys.version_info.major}.{sys.version_info.minor}"
 # what a wheel of setup.py is built from (a copy: no build/ or *.egg-info in the checkout)
 SOURCES = ["setup.py", "setup.cfg", "package.xml", "README.md", "mobilevlm_ros", "config", "launch",

@@ -10,7 +10,7 @@ from mobilevlm_ros.core.checkpoint import load_checkpoint, read_weights
 from mobilevlm_ros.core.errors import ModelLoadError
 from mobilevlm_ros.core.vision import TorchVision
 from mobilevlm_ros.tools.make_tiny import make_checkpoint
-from models_fixtures import synthetic_frame
+from helpers.frames import synthetic_frame
 
 
 def test_published_layout(tiny_v2):

@@ -1,9 +1,8 @@
 """What the ROS-level tests share: the test's side of the graph (publishers, service/action clients,
-diagnostics listener), a node process and waiting helpers. Import after checking that rclpy and the
-generated interfaces import (the test modules skip first)."""
+diagnostics listener) and matching a service client with its server. Import after checking that
+rclpy and the generated interfaces import (the test modules skip first)."""
 import threading
 import time
-from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -19,33 +18,11 @@ from mobilevlm_ros.action import Ask as AskAction
 from mobilevlm_ros.msg import Answer
 from mobilevlm_ros.ros.qos import ASK_SERVICE_QOS
 from mobilevlm_ros.srv import Ask as AskService
-from mobilevlm_ros.tools.synthetic import pattern_frame
+from helpers.waiting import wait_for, wait_future
 
-REPO = Path(__file__).resolve().parent.parent
 NODE = "/mobilevlm"
 QUESTION = "What is in the picture?"
 TOKENS = 12
-
-
-def synthetic(h=120, w=160, seed=0):
-    return pattern_frame(h, w, seed)
-
-
-def wait_for(predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
-def wait_future(future, timeout):
-    done = threading.Event()
-    future.add_done_callback(lambda _f: done.set())
-    assert done.wait(timeout), f"no reply within {timeout} s"
-    return future.result()
 
 
 # requests that change nothing, one per service type a test calls: answered, they show that both
@@ -103,11 +80,18 @@ class Client:
         self.node.destroy_node()
 
     def _on_diag(self, msg):
-        for st in msg.status:
-            if st.name.startswith(self.ns.strip("/") + ":"):
-                self.diag[st.name.split(": ", 1)[1]] = {"level": st.level, "message": st.message,
-                                      **{kv.key: kv.value for kv in st.values}}
-        self.diag_count += 1
+        ours = [st for st in msg.status if st.name.startswith(self.ns.strip("/") + ":")]
+        for st in ours:
+            self.diag[st.name.split(": ", 1)[1]] = {"level": st.level, "message": st.message,
+                                                    **{kv.key: kv.value for kv in st.values}}
+        self.diag_count += bool(ours)       # messages from this node (other nodes publish there too)
+
+    def wait_diagnostics(self, n, timeout=10.0):
+        """Wait for n more /diagnostics messages from the node (one every diagnostics_period_s):
+        then self.diag holds what it counted before the call, and its timers have run n times."""
+        target = self.diag_count + n
+        assert wait_for(lambda: self.diag_count >= target, timeout), \
+            f"{n - (target - self.diag_count)} of {n} diagnostics messages within {timeout} s"
 
     def camera(self, cam):
         return self.diag.get(f"camera {cam}", {})
