@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mobilevlm_ros.core.pipeline import LLAMACPP_ENGINES
+from mobilevlm_ros.core.decoders.llama_library import LLAMA_LIBRARIES
 from mobilevlm_ros.tools.bench import all as bench_all
 from mobilevlm_ros.tools.bench.bandwidth import ceiling, decode_bytes_per_token, measure_read_bandwidth
 from mobilevlm_ros.tools.bench.batches import parse_sizes
@@ -207,7 +207,7 @@ def test_bench_all_quick_end_to_end(tmp_path, tiny_v2):
         assert "error" not in c, c
         assert 0 < c["loaded_mb"]["median"] <= c["peak_mb"]["median"], c["config"]
     for c in mem[:-1]:      # the llamacpp rows: labelled with the library their node reported
-        assert c["library"] in LLAMACPP_ENGINES and f" + {c['library']} " in c["config"], c["config"]
+        assert c["library"] in LLAMA_LIBRARIES and f" + {c['library']} " in c["config"], c["config"]
 
     streams = res["node"]["streams"]
     assert {(s["stream"], s["dds"]) for s in streams} == {

@@ -639,7 +639,7 @@ def test_library_choice(monkeypatch):
                                                          "(opt-in: scripts/build-ik-llama.sh)")
     with pytest.raises(ModelLoadError, match="unknown llama.cpp library 'vllm'"):
         mod.choose_library("vllm", 0)
-    # the benches' --engines: named ones, or every installed one
+    # the benches' --libraries: named ones, or every installed one
     assert mod.libraries_option("ik_llama.cpp, llama.cpp") == ["ik_llama.cpp", "llama.cpp"]
     assert mod.libraries_option("") == ["llama.cpp"]
     with pytest.raises(ValueError, match=r"unknown library \['vllm'\]"):

@@ -163,7 +163,7 @@ def arithmetic(summary: dict) -> dict:
     (backends, dtype, quant, threads) and the CPU's vector extensions. Identical answers are
     promised only between runs where this is equal."""
     m = summary.get("model") or {}
-    engine = {k: m.get(k) for k in ("vision_backend", "provider", "dtype", "decoder", "engine", "quant")}
+    engine = {k: m.get(k) for k in ("vision_backend", "provider", "dtype", "decoder", "library", "quant")}
     engine["threads"] = m.get("threads") or summary.get("threads")
     return {"model_files": summary.get("model_files_sha256"), "engine": engine, "cpu_flags": summary.get("cpu_flags")}
 

@@ -138,7 +138,7 @@ class LlamaCppDecoder(Decoder):
     # ---------------------------------------------------------------------------------- interface
 
     def describe(self) -> dict:
-        return {"decoder": self.name, "engine": self.library, "quant": self.quant, "file": str(self.path),
+        return {"decoder": self.name, "library": self.library, "quant": self.quant, "file": str(self.path),
                 "threads": self.threads, "gpu_layers": self.gpu_layers, "n_ctx": getattr(self, "n_ctx", 0),
                 "extra_buffers": getattr(self, "extra_buffers", None), "mmap": getattr(self, "mmap", None)}
 

@@ -19,7 +19,7 @@ Each figure is the median (min–max) over --repeats fresh node processes. "fits
 median peak with --budget-mb: an 8 GB Jetson Orin Nano shares its 8 GB between CPU and GPU, and
 JetPack, the camera driver and the rest of the ROS graph take some of it; 5500 MB is the share
 this package assumes one node may use there (set your own). Measured on this machine's CPU path
-(ONNX Runtime + the llamacpp decoder on llama.cpp or ik_llama.cpp, whichever llamacpp_engine picks:
+(ONNX Runtime + the llamacpp decoder on llama.cpp or ik_llama.cpp, whichever llama_library picks:
 each row names the library the node reported); on an Orin, the TensorRT engine replaces the ONNX
 Runtime session.
 Prints a markdown table; writes OUT/memory.json, OUT/memory.md and OUT/memory.png.
@@ -65,8 +65,8 @@ def config_name(c: dict, library: Optional[str] = None) -> str:
 
 def library_of(model_status: dict) -> Optional[str]:
     """The library ("llama.cpp", "ik_llama.cpp") the node's llamacpp decoder runs on, from the
-    node's model diagnostics (None for another decoder); llamacpp_engine "auto" picks it at load."""
-    return model_status.get("engine") if model_status.get("decoder") == "llamacpp" else None
+    node's model diagnostics (None for another decoder); llama_library "auto" picks it at load."""
+    return model_status.get("library") if model_status.get("decoder") == "llamacpp" else None
 
 
 def one_run(model, params: dict, duration: float, tokens: int) -> dict:
