@@ -91,10 +91,10 @@ def test_memory_configurations_are_parsed_or_refused():
 
 def test_memory_rows_name_the_library_the_node_ran_on():
     """The row label says which library the llamacpp decoder ran on, as the node's model diagnostics
-    report it (llamacpp_engine auto picks at load), not "llama.cpp" whatever ran."""
+    report it (llama_library auto picks at load), not "llama.cpp" whatever ran."""
     [onnx, torch_vision] = parse_configs("int8+q4_k_m,bf16+q8_0")
     for library in ("llama.cpp", "ik_llama.cpp"):
-        reported = library_of({"vision_backend": "onnxruntime", "decoder": "llamacpp", "engine": library})
+        reported = library_of({"vision_backend": "onnxruntime", "decoder": "llamacpp", "library": library})
         assert reported == library
         assert config_name(onnx, reported) == f"onnxruntime int8 + {library} q4_k_m"
         assert config_name(torch_vision, reported) == f"torch bf16 + {library} q8_0"

@@ -159,7 +159,7 @@ def test_llama_cpp_loads_every_file_and_tokenizes_like_sentencepiece(gguf_v2):
     for q in QUANTS:
         dec = LlamaCppDecoder(out / section[q]["file"], tok, quant=q, threads=1, n_ctx=512)
         assert dec.n_embd == ckpt.config.llm.hidden_size and dec.n_vocab == ckpt.config.llm.vocab_size
-        assert dec.describe() == {"decoder": "llamacpp", "engine": "llama.cpp", "quant": q,
+        assert dec.describe() == {"decoder": "llamacpp", "library": "llama.cpp", "quant": q,
                                   "file": str(out / section[q]["file"]),
                                   "threads": 1, "gpu_layers": 0, "n_ctx": 512,
                                   "extra_buffers": dec.extra_buffers, "mmap": dec.mmap}
