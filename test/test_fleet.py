@@ -65,7 +65,7 @@ def bags(tmp_path_factory):
     questions = root / "questions.yaml"
     questions.write_text(yaml.safe_dump(QUESTIONS))
     long_bag = root / "long" / "long0"
-    make_bag(long_bag, storage="mcap", seconds=4.0, rate=5.0, cameras=["front"], size=(32, 24), progress=False)
+    make_bag(long_bag, storage="mcap", seconds=10.0, rate=5.0, cameras=["front"], size=(32, 24), progress=False)
     (long_bag / "questions.yaml").write_text(yaml.safe_dump(LONG))
     return {"folder": folder, "questions": questions, "good": sorted(folder.iterdir()), "long": long_bag,
             "root": root}
@@ -229,20 +229,24 @@ def test_ray_run_equals_single_replays_in_any_order(bags, baseline, tiny_v2, ray
     assert run["ray"] and run["workers"] == 2 and run["done"] == 4
 
 
-def _disturbed_run(bags, model, out, disturb):
+def _disturbed_run(bags, model, out, disturb, good=None, others_done=False):
     """A Ray run of the long bag and the good ones with `disturb(event)` called once, on the
-    first question the long bag answers: returns the Fleet."""
+    first question the long bag answers (others_done: the first after every other bag is finished,
+    so that the other worker is idle): returns the Fleet."""
+    good = bags["good"] if good is None else good
     from mobilevlm_ros.replay.fleet import Fleet, make_jobs
     from mobilevlm_ros.replay.fleet_cli import settings_from_args
     from mobilevlm_ros.replay.ray_pool import run_ray
     from mobilevlm_ros.replay.runner import engine_config
-    a = cli.build_parser().parse_args(fleet_args([bags["long"], *bags["good"]], out, model,
+    a = cli.build_parser().parse_args(fleet_args([bags["long"], *good], out, model,
                                                  "--questions", bags["questions"]))
     jobs = make_jobs(a.bag, a.questions, lambda qf: engine_config(qf, None, max_frame_age_s=qf.max_frame_age_s))
     hit = []
 
     def on_event(kind, name, what):
         if kind == "record" and name == "long0" and not hit:
+            if others_done and any(fleet.status[b.name].value != "done" for b in good):
+                return
             hit.append(what)
             disturb(what)
 
@@ -252,8 +256,8 @@ def _disturbed_run(bags, model, out, disturb):
     return fleet, hit[0]
 
 
-def _assert_undisturbed(fleet, bags, baseline, out):
-    for bag in [bags["long"], *bags["good"]]:
+def _assert_undisturbed(fleet, bags, baseline, out, good=None):
+    for bag in [bags["long"], *(bags["good"] if good is None else good)]:
         assert fleet.status[bag.name].value == "done"
         assert untimed(Path(out) / f"{bag.name}.jsonl") == baseline[bag.name], bag.name
 
@@ -268,8 +272,9 @@ def test_worker_killed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_clust
 
 
 def test_node_removed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_cluster, tmp_path):
-    """A node leaves and none replaces it: its worker cannot come back (the other worker holds the
-    only CPU left), so the driver must see the node gone and give the bag to the other worker."""
+    """A node leaves and none replaces it, while the other worker idles: the lost worker cannot
+    come back (the other holds the only CPU left), so the driver must see the node gone and give
+    the bag to the idle worker."""
     out = tmp_path / "node_gone"
     removed = []
 
@@ -279,14 +284,14 @@ def test_node_removed_mid_bag_redoes_the_bag(bags, baseline, tiny_v2, ray_cluste
         removed.append(node)
 
     try:
-        fleet, victim = _disturbed_run(bags, tiny_v2, out, remove_node)
+        fleet, victim = _disturbed_run(bags, tiny_v2, out, remove_node, good=bags["good"][:1], others_done=True)
     finally:
         ray_cluster.add_node(num_cpus=1)        # the two-node cluster again, for the tests after
         ray_cluster.wait_for_nodes()
     assert removed and fleet.attempts == {"long0": 1}
     s = json.loads((out / "long0.summary.json").read_text())
     assert s["node_id"] != victim["node_id"]
-    _assert_undisturbed(fleet, bags, baseline, out)
+    _assert_undisturbed(fleet, bags, baseline, out, good=bags["good"][:1])
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C, resume

@@ -140,6 +140,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
         busy: Dict[object, tuple] = {}          # future -> (actor index, job)
         waking: Dict[object, int] = {}          # ready() future -> actor index
         node_of: Dict[int, str] = {}            # actor index -> its node, from ready()
+        idle: List[int] = []                    # ready workers with nothing to do (the queue was empty)
         for i in range(len(actors)):
             waking[actors[i].ready.remote()] = i
         next_node_check = time.monotonic() + NODE_CHECK_S
@@ -158,13 +159,21 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
             waking[actors[i].ready.remote()] = i
 
         while queue or busy:
-            if busy and time.monotonic() >= next_node_check:
+            if time.monotonic() >= next_node_check:
                 next_node_check = time.monotonic() + NODE_CHECK_S
                 dead = _dead_nodes(ray)
                 for fut, (i, job) in list(busy.items()):
                     if node_of.get(i) in dead:          # its future resolves only once the actor is back
                         del busy[fut]
                         lost(i, job, "its node left the cluster")
+                for i in [i for i in idle if node_of.get(i) in dead]:
+                    idle.remove(i)
+                    node_of.pop(i, None)
+                    waking[actors[i].ready.remote()] = i
+            while queue and idle:                       # a bag handed back while others idled
+                i = idle.pop(0)
+                job = queue.pop(0)
+                busy[actors[i].run.remote(job)] = (i, job)
             pending = list(busy) + list(waking)
             done, _ = ray.wait(pending, num_returns=1, timeout=POLL_S)
             try:
@@ -187,9 +196,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                         waking[actors[i].ready.remote()] = i     # died while starting: it restarts
                         continue
                     fleet.timings.setdefault("first_worker_ready", time.perf_counter() - t0)
-                    if queue:
-                        job = queue.pop(0)
-                        busy[actors[i].run.remote(job)] = (i, job)
+                    idle.append(i)
                     continue
                 i, job = busy.pop(fut)
                 try:
@@ -200,9 +207,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                 fleet.finish(job, result)
                 if progress is not None:
                     progress.bag(job.name, fleet.summaries[job.name])
-                if queue:
-                    job = queue.pop(0)
-                    busy[actors[i].run.remote(job)] = (i, job)
+                idle.append(i)
     finally:
         for a in spawned:
             try:
