@@ -145,6 +145,11 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
             waking[actors[i].ready.remote()] = i
         next_node_check = time.monotonic() + NODE_CHECK_S
 
+        def rejoin(i: int) -> None:
+            """Worker i is back in the pool once ready() answers (after Ray has restarted it)."""
+            node_of.pop(i, None)
+            waking[actors[i].ready.remote()] = i
+
         def lost(i: int, job: Job, why: str) -> None:
             """The bag's worker is gone: the bag goes back to the queue (or gets its error record),
             the worker back to the pool once Ray has restarted it."""
@@ -155,8 +160,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                     progress.bag(job.name, fleet.summaries[job.name])
             else:
                 queue.insert(0, job)
-            node_of.pop(i, None)
-            waking[actors[i].ready.remote()] = i
+            rejoin(i)
 
         while queue or busy:
             if time.monotonic() >= next_node_check:
@@ -168,8 +172,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                         lost(i, job, "its node left the cluster")
                 for i in [i for i in idle if node_of.get(i) in dead]:
                     idle.remove(i)
-                    node_of.pop(i, None)
-                    waking[actors[i].ready.remote()] = i
+                    rejoin(i)
             while queue and idle:                       # a bag handed back while others idled
                 i = idle.pop(0)
                 job = queue.pop(0)
@@ -193,7 +196,7 @@ def run_ray(fleet: Fleet, jobs: List[Job], workers: int, progress=None, address:
                     except RayActorError as e:
                         if "creation task" in str(e):  # its constructor raised: the model does not load
                             raise ModelLoadError(_cause(e)) from None
-                        waking[actors[i].ready.remote()] = i     # died while starting: it restarts
+                        rejoin(i)                           # died while starting: it restarts
                         continue
                     fleet.timings.setdefault("first_worker_ready", time.perf_counter() - t0)
                     idle.append(i)

@@ -164,21 +164,22 @@ class Client:
                 return header
         raise AssertionError(f"frame not encoded: {self.camera(cam)}")
 
-    def ask(self, question=QUESTION, timeout=60, **fields):
-        req = AskService.Request()
-        req.question = question
-        req.max_new_tokens, req.temperature = TOKENS, 0.0
+    @staticmethod
+    def _request(msg, question, fields):
+        """An Ask request or goal: the question, greedy TOKENS tokens unless `fields` say otherwise."""
+        msg.question = question
+        msg.max_new_tokens, msg.temperature = TOKENS, 0.0
         for k, v in fields.items():
-            setattr(req, k, v)
+            setattr(msg, k, v)
+        return msg
+
+    def ask(self, question=QUESTION, timeout=60, **fields):
+        req = self._request(AskService.Request(), question, fields)
         assert self.ask_client.wait_for_service(timeout_sec=20)
         return wait_future(self.ask_client.call_async(req), timeout)
 
     def goal(self, question=QUESTION, feedback=None, **fields):
-        goal = AskAction.Goal()
-        goal.question = question
-        goal.max_new_tokens, goal.temperature = TOKENS, 0.0
-        for k, v in fields.items():
-            setattr(goal, k, v)
+        goal = self._request(AskAction.Goal(), question, fields)
         assert self.action.wait_for_server(timeout_sec=20)
         handle = wait_future(self.action.send_goal_async(goal, feedback_callback=feedback), 20)
         assert handle.accepted
