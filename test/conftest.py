@@ -103,6 +103,16 @@ def tiny_ckpt(request, tiny_v1, tiny_v2):
     return tiny_v1 if request.param == "v1" else tiny_v2
 
 
+@pytest.fixture(scope="module")
+def torch_model(tiny_v2):
+    """tiny_v2 on the torch reference, loaded once per test module (its decoder's KV states stay
+    within the module)."""
+    from mobilevlm_ros.core.pipeline import load_model
+    m = load_model(tiny_v2)
+    yield m
+    m.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_v2_artifacts(tiny_v2, tmp_path_factory):
     """tiny_v2 exported as the product runs it: ONNX vision graphs (fp32, int8) + GGUF decoders."""

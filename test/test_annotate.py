@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-from mobilevlm_ros.core.pipeline import load_model
 from mobilevlm_ros.engine import annotate
 from mobilevlm_ros.engine.config import EngineConfig
 from mobilevlm_ros.engine.engine import Engine, SimClock
@@ -116,13 +115,6 @@ def test_frames_in_every_form_are_drawn_on_their_own_pixels():
 
 
 # ------------------------------------------------------------------------------------ the engine
-@pytest.fixture(scope="module")
-def torch_model(tiny_v2):
-    m = load_model(tiny_v2)
-    yield m
-    m.close()
-
-
 def test_engine_results_carry_the_answered_frame_not_a_newer_one(torch_model):
     clock = SimClock(T0)
     engine = Engine(torch_model, EngineConfig(max_new_tokens=3, vision_rate_hz=0.0, max_frame_age_s=0.0),

@@ -1,5 +1,4 @@
 """Generation with the torch reference: stop rules, streaming, cancellation, sampling, KV reuse."""
-import numpy as np
 import pytest
 import torch
 
@@ -11,35 +10,28 @@ from helpers.frames import synthetic_frame
 
 
 @pytest.fixture(scope="module")
-def model(tiny_v2):
-    m = load_model(tiny_v2)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def frame_emb(model):
-    return model.encode([synthetic_frame(240, 320, seed=5)])[0]
+def frame_emb(torch_model):
+    return torch_model.encode([synthetic_frame(240, 320, seed=5)])[0]
 
 
 GREEDY = GenerationParams(max_new_tokens=12)
 
 
-def test_kv_reuse_gives_identical_answers(model, frame_emb, tiny_v2):
-    first = model.ask("What is in the image?", frame_emb, GREEDY)
-    again = model.ask("What is in the image?", frame_emb, GREEDY)
-    assert first.cached_prefix_tokens == len(model.prompt("x").prefix)        # image evaluated now
-    assert again.cached_prefix_tokens == len(model.prompt("x").prefix) + 144  # image from the cache
+def test_kv_reuse_gives_identical_answers(torch_model, frame_emb, tiny_v2):
+    first = torch_model.ask("What is in the image?", frame_emb, GREEDY)
+    again = torch_model.ask("What is in the image?", frame_emb, GREEDY)
+    assert first.cached_prefix_tokens == len(torch_model.prompt("x").prefix)        # image evaluated now
+    assert again.cached_prefix_tokens == len(torch_model.prompt("x").prefix) + 144  # image from the cache
     assert again.ids == first.ids
     fresh = load_model(tiny_v2)
     assert fresh.ask("What is in the image?", fresh.encode([synthetic_frame(240, 320, seed=5)])[0],
                      GREEDY).ids == first.ids
 
 
-def test_incremental_equals_one_pass(model, frame_emb):
+def test_incremental_equals_one_pass(torch_model, frame_emb):
     """Prefix, image and question evaluated in pieces (cached) == the whole prompt in one forward."""
-    llm = model.decoder.llm
-    p = model.prompt("Describe the scene.")
+    llm = torch_model.decoder.llm
+    p = torch_model.prompt("Describe the scene.")
     emb = torch.cat([llm.embed(torch.tensor([p.prefix])), torch.from_numpy(frame_emb.embeds)[None],
                      llm.embed(torch.tensor([p.suffix]))], dim=1)
     with torch.inference_mode():
@@ -49,34 +41,34 @@ def test_incremental_equals_one_pass(model, frame_emb):
             t = int(logits[0, -1].argmax())
             ids.append(t)
             logits, kv = llm(llm.embed(torch.tensor([[t]])), kv)
-    gen = model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=8, min_new_tokens=8))
+    gen = torch_model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=8, min_new_tokens=8))
     assert gen.ids == ids
 
 
-def test_answers_depend_on_image_and_question(model, frame_emb):
-    other = model.encode([synthetic_frame(240, 320, seed=99)[::-1].copy()])[0]
-    a = model.ask("What is in the image?", frame_emb, GREEDY).ids
-    assert model.ask("What is in the image?", other, GREEDY).ids != a
-    assert model.ask("Is there a red object?", frame_emb, GREEDY).ids != a
+def test_answers_depend_on_image_and_question(torch_model, frame_emb):
+    other = torch_model.encode([synthetic_frame(240, 320, seed=99)[::-1].copy()])[0]
+    a = torch_model.ask("What is in the image?", frame_emb, GREEDY).ids
+    assert torch_model.ask("What is in the image?", other, GREEDY).ids != a
+    assert torch_model.ask("Is there a red object?", frame_emb, GREEDY).ids != a
 
 
-def test_streaming_and_cancel(model, frame_emb):
+def test_streaming_and_cancel(torch_model, frame_emb):
     seen = []
-    gen = model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=10, min_new_tokens=10),
+    gen = torch_model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=10, min_new_tokens=10),
                     on_token=lambda t, text: seen.append((t, text)))
     assert [t for t, _ in seen] == gen.ids and len(gen.ids) == 10 and gen.finish_reason == "length"
     assert seen[-1][1] == gen.text
     calls = []
-    gen = model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=10, min_new_tokens=10),
+    gen = torch_model.ask("Describe the scene.", frame_emb, GenerationParams(max_new_tokens=10, min_new_tokens=10),
                     on_token=lambda t, text: calls.append(t), cancel=lambda: len(calls) >= 3)
     assert gen.finish_reason == "cancelled" and len(gen.ids) == 3
 
 
-def test_sampling_is_seeded(model, frame_emb):
+def test_sampling_is_seeded(torch_model, frame_emb):
     p = GenerationParams(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=7)
-    a = model.ask("Describe the scene.", frame_emb, p).ids
-    assert model.ask("Describe the scene.", frame_emb, p).ids == a
-    outs = {tuple(model.ask("Describe the scene.", frame_emb,
+    a = torch_model.ask("Describe the scene.", frame_emb, p).ids
+    assert torch_model.ask("Describe the scene.", frame_emb, p).ids == a
+    outs = {tuple(torch_model.ask("Describe the scene.", frame_emb,
                             GenerationParams(max_new_tokens=10, temperature=1.5, seed=s)).ids) for s in range(4)}
     assert len(outs) > 1
 
@@ -89,7 +81,7 @@ def test_bad_params_rejected(kw):
 
 
 def test_stop_rules(tiny_v2):
-    tok = Tokenizer(tiny_v2 / "tokenizer.model")
+    tok = Tokenizer(tiny_v2 / "tokenizer.torch_model")
     words = tok.encode("a red box")
     b = AnswerBuilder(tok, GenerationParams(max_new_tokens=50))
     assert all(b.push(t) for t in words) and not b.push(tok.eos_id)
@@ -106,7 +98,7 @@ def test_an_unfinished_character_is_held_back_while_streaming_and_dropped_at_the
     """'€' is three byte tokens for this tokenizer: cut after two of them (max_new_tokens), the
     answer ends before it instead of in U+FFFD; streamed, no text shows U+FFFD and each text is the
     start of the answer."""
-    tok = Tokenizer(tiny_v2 / "tokenizer.model")
+    tok = Tokenizer(tiny_v2 / "tokenizer.torch_model")
     ids = tok.encode("ab €x")
     euro = [i for i in ids if tok.sp.is_byte(i)]
     assert len(euro) == 3 and tok.decode(ids[:ids.index(euro[1]) + 1]).endswith("\ufffd\ufffd")

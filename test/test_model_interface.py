@@ -11,7 +11,7 @@ import pytest
 
 from mobilevlm_ros.core.errors import ImageError, RequestError
 from mobilevlm_ros.core.generation import GenerationParams
-from mobilevlm_ros.core.pipeline import MobileVLM, load_model
+from mobilevlm_ros.core.pipeline import MobileVLM
 from mobilevlm_ros.core.preprocess import as_rgb, rgb_order
 from mobilevlm_ros.engine.config import EngineConfig
 from mobilevlm_ros.engine.engine import Engine, SimClock
@@ -25,13 +25,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mobilevlm_ros"
 T0 = 1_700_000_000 * NS
 
 
-@pytest.fixture(scope="module")
-def torch_model(tiny_v2):
-    m = load_model(tiny_v2)
-    yield m
-    m.close()
-
-
 def protocol_members():
     return [n for n, v in vars(Model).items() if not n.startswith("_") and callable(v)]
 
@@ -43,7 +36,7 @@ def test_mobilevlm_implements_every_method_the_engine_needs(torch_model):
         have = inspect.signature(getattr(MobileVLM, name))
         for p in want.parameters.values():      # every parameter of the interface is accepted by name
             assert p.name in have.parameters, (name, p.name, str(have))
-    assert torch_model.cached_frames() == [] and torch_model.kv_state_bytes() == 0   # torch: not counted
+    assert torch_model.kv_state_keys() == [] and torch_model.kv_state_bytes() == 0   # torch: not counted
 
 
 def attribute_names(path: Path) -> set:
