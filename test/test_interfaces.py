@@ -53,6 +53,7 @@ RESULT_FIELDS = {
     "total_ms": "double",
     "frame_age_ms": "double",
 }
+ACTION_RESULT_FIELDS = {**RESULT_FIELDS, "tokens_after_cancel": "int32"}     # a service call has no cancel
 FEEDBACK_FIELDS = {"text": "string", "tokens": "int32"}
 ANSWER_FIELDS = {
     "status": "mobilevlm_ros/Status",
@@ -102,7 +103,7 @@ def _answer():
     (Ask.Request, QUESTION_FIELDS),
     (Ask.Response, RESULT_FIELDS),
     (AskAction.Goal, QUESTION_FIELDS),
-    (AskAction.Result, RESULT_FIELDS),
+    (AskAction.Result, ACTION_RESULT_FIELDS),
     (AskAction.Feedback, FEEDBACK_FIELDS),
     (Answer, ANSWER_FIELDS),
 ], ids=lambda v: getattr(v, "__qualname__", "fields"))

@@ -67,12 +67,14 @@ def answer(model: Model, frames: FrameStore, job: Job, counters: Counters) -> Re
     except MobileVLMError as e:
         counters.error(str(e))
         return failure(Status.MODEL_ERROR, str(e), job.camera, frame=cached, age_ms=age_ms)
+    after_cancel = 0
     if gen.finish_reason == "cancelled":
         counters.add("cancelled")
         status = Status.CANCELLED
         error = ticket.cancel_reason or "cancelled"
         if ticket.tokens_at_cancel is not None:
-            error += f" ({gen.completion_tokens - ticket.tokens_at_cancel} tokens after the cancel request)"
+            after_cancel = gen.completion_tokens - ticket.tokens_at_cancel
+            error += f" ({after_cancel} tokens after the cancel request)"
     else:
         status, error = Status.OK, ""
         counters.add("captions" if job.kind == "caption" else "answers")
@@ -81,4 +83,4 @@ def answer(model: Model, frames: FrameStore, job: Job, counters: Counters) -> Re
                   prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                   finish_reason=gen.finish_reason, vision_ms=vision_ms, prefill_ms=gen.prefill_ms,
                   decode_ms=gen.decode_ms, first_token_ms=gen.first_token_ms, frame_age_ms=age_ms,
-                  encoded_on_demand=on_demand, image=cached.image)
+                  encoded_on_demand=on_demand, tokens_after_cancel=after_cancel, image=cached.image)

@@ -63,6 +63,7 @@ class Result:
     total_ms: float = 0.0               # submitted -> finished
     frame_age_ms: float = 0.0           # clock at submission - frame stamp
     encoded_on_demand: bool = False     # the frame had to be encoded for this request
+    tokens_after_cancel: int = 0        # cancelled: tokens generated after the cancel request arrived
     image: Any = field(default=None, repr=False)    # the answered frame as received (frames.Frame), when
     #                                     the engine keeps frame images: what annotate.py draws on
 

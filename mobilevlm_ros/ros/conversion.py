@@ -81,6 +81,8 @@ def fill_result(msg, result: Result):
     msg.prompt_tokens = int(result.prompt_tokens)
     msg.completion_tokens = int(result.completion_tokens)
     msg.finish_reason = result.finish_reason
+    if hasattr(msg, "tokens_after_cancel"):
+        msg.tokens_after_cancel = int(result.tokens_after_cancel)
     for k in _TIMES:
         if hasattr(msg, k):
             setattr(msg, k, float(getattr(result, k)))
