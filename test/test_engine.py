@@ -167,6 +167,7 @@ def test_frame_age_policy_auto_fixed_and_per_request(torch_model):
     clock.set(T0 + 10 * NS)
     r = ask(engine, Request(Q))
     assert r.status == Status.NO_FRAME and "no frame newer than 2 s" in r.error
+    assert r.frame_age_ms == pytest.approx(10_000.0)                    # the newest frame's age: why
     assert ask(engine, Request(Q, max_frame_age_ms=-1)).success          # any cached frame
     assert ask(engine, Request(Q, max_frame_age_ms=10_500)).success
     assert ask(engine, Request(Q, max_frame_age_ms=9_500)).status == Status.NO_FRAME

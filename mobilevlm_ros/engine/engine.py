@@ -213,7 +213,7 @@ class Engine:
                 self._work.notify_all()
         except MobileVLMError as e:
             self.counters.error(str(e))
-            ticket.finish(failure(status, str(e), camera))
+            ticket.finish(failure(status, str(e), camera, age_ms=getattr(e, "age_ms", 0.0)))
         return ticket
 
     def max_frame_age_s(self, request: Optional[Request] = None) -> float:
@@ -244,7 +244,7 @@ class Engine:
             return self.frames.select(camera, now_ns, self.max_frame_age_s(request), stamp, ready)
         except FrameUnavailable as e:
             if self.frames.stats()[camera].received == 0 and self.no_frame_hint:
-                raise FrameUnavailable(f"{e} ({self.no_frame_hint(camera)})") from None
+                raise FrameUnavailable(f"{e} ({self.no_frame_hint(camera)})", e.age_ms) from None
             raise
 
     no_frame_hint: Optional[Callable[[str], str]] = None   # adapter: e.g. the topics it listens on

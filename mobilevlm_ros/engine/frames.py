@@ -55,7 +55,12 @@ def check_stamp(stamp: int, now: int) -> None:
 
 
 class FrameUnavailable(MobileVLMError):
-    """No frame satisfies the question (no frame yet, too old, bad requested stamp)."""
+    """No frame satisfies the question (no frame yet, too old, bad requested stamp). age_ms: the
+    newest frame's age when every frame was too old (a NO_FRAME result reports it), else 0."""
+
+    def __init__(self, message: str, age_ms: float = 0.0):
+        super().__init__(message)
+        self.age_ms = age_ms
 
 
 @dataclass
@@ -214,8 +219,9 @@ def select_frame(candidates: Iterable[AnyFrame], camera: str, now_ns: int, max_a
                 if fresh(best):
                     return best
     latest = max(frames, key=lambda f: (f.stamp_ns, f.seq))
+    age = _age_s(now_ns, latest.stamp_ns)
     raise FrameUnavailable(f"no frame newer than {max_age_s:g} s from camera '{camera}' "
-                           f"(latest is {_age_s(now_ns, latest.stamp_ns):.3f} s old)")
+                           f"(latest is {age:.3f} s old)", age_ms=age * 1e3)
 
 
 class FrameStore:
