@@ -120,7 +120,7 @@ def test_batches_bench_pads_as_the_decoder_does(tmp_path, tiny_v2_artifacts):
                          "--library", "llama.cpp", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
     r = json.loads((out / "batches.json").read_text())
-    assert r["engine"] == "llama.cpp" and r["pad_max"] == r["engine_pad_max"] == PAD_MAX
+    assert r["library"] == "llama.cpp" and r["pad_max"] == r["decoder_pad_max"] == PAD_MAX
     assert [row["tokens"] for row in r["rows"]] == list(range(10, 18))
     for row in r["rows"]:
         assert row["evaluated"] == (16 if 16 - PAD_MAX <= row["tokens"] <= 16 else row["tokens"])

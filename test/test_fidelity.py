@@ -1,7 +1,7 @@
 """The SmolLM2 test model (a TRAINED language model in the published MobileVLM layout) and what it
 is for: measuring the quantized paths where a random model's near-tied logits would flip.
 
-Checked: `mobilevlm-make-tiny --decoder smollm2` writes the published layout with SmolLM2's
+Checked: `mobilevlm-make-tiny --language-model smollm2` writes the published layout with SmolLM2's
 dimensions (read from the GGUF it comes from), grouped-query attention, tied embeddings and a
 byte-level BPE tokenizer.json; the torch reference computes the model of the shipped GGUF (so the
 rotary rows were put back in HF order); the BPE tokenizer round-trips and splits text as llama.cpp
@@ -310,20 +310,20 @@ def test_fidelity_bench_figures_are_sane(bench):
     md = (out / "fidelity.md").read_text(encoding="utf-8")
     assert cpu_model() in md and "| f16 |" in md and "| q4_0 |" in md
     assert res["settings"]["prompts"] == 4 and res["machine"]["cpu"] == cpu_model()
-    engines = libraries_option()                               # every installed engine, per quant
-    assert [(r["quant"], r["engine"]) for r in res["quants"]] == [(q, e) for q in BENCH_QUANTS.split(",")
-                                                                  for e in engines]
-    for engine in engines:
-        rows = {r["quant"]: r for r in res["quants"] if r["engine"] == engine}
+    libraries = libraries_option()                             # every installed library, per quant
+    assert [(r["quant"], r["library"]) for r in res["quants"]] == [(q, e) for q in BENCH_QUANTS.split(",")
+                                                                  for e in libraries]
+    for library in libraries:
+        rows = {r["quant"]: r for r in res["quants"] if r["library"] == library}
         for r in rows.values():
             assert r["prompts"] == 4 and r["positions"] >= 4
             assert 0 <= r["kl"]["mean"] <= r["kl"]["max"] < 10 and r["file_mb"] > 50
         f16 = rows["f16"]
         # a trained model, F16 rounding: the same top token nearly everywhere, answers the same but for
         # a near-tie (never exact tokens as such: thresholds, any CPU)
-        assert f16["kl"]["mean"] < 1e-3 and f16["same_top_pct"] >= 90 and f16["answers_identical_pct"] >= 50, engine
+        assert f16["kl"]["mean"] < 1e-3 and f16["same_top_pct"] >= 90 and f16["answers_identical_pct"] >= 50, library
         assert f16["kl"]["mean"] < rows["q4_k_m"]["kl"]["mean"] and f16["kl"]["mean"] < rows["q4_0"]["kl"]["mean"]
-        assert rows["q4_k_m"]["same_top_pct"] >= 50, engine
+        assert rows["q4_k_m"]["same_top_pct"] >= 50, library
         assert rows["f16"]["file_mb"] > 1.8 * rows["q4_0"]["file_mb"]
     v = res["vision"]
     assert v["int8_vs_fp32"]["cosine"]["min"] > 0.99

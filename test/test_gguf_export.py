@@ -227,7 +227,7 @@ def _torch_logits(ckpt, ids):
 
 def _llama_logits(path, tok, ids):
     from mobilevlm_ros.core.decoders.llamacpp_decoder import LlamaCppDecoder
-    dec = LlamaCppDecoder(path, tok, threads=2, n_ctx=256, max_cached_frames=1)
+    dec = LlamaCppDecoder(path, tok, threads=2, n_ctx=256, max_kv_states=1)
     try:
         dec.context.tokens(ids, 0, logits=True)
         return dec.context.logits().copy()

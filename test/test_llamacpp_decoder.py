@@ -175,7 +175,7 @@ def test_missing_rotary_permutation_is_caught(v2, tmp_path, monkeypatch):
 
 
 def test_second_question_evaluates_only_its_text(v2):
-    d = v2.decoder("f16", max_cached_frames=2)
+    d = v2.decoder("f16", max_kv_states=2)
     try:
         img = v2.images[1]
         p1, p2 = v2.prompt(QUESTIONS[0], img), v2.prompt(QUESTIONS[1], img)
@@ -206,13 +206,13 @@ def test_answers_do_not_depend_on_the_cache_state(v2):
     """Every path to the same (frame, question) gives the same ids: other frames cached in any order,
     several questions before it, the frame evaluated long ago or just now, evicted and evaluated
     again. Checked for all 4 frames x 3 questions against a fresh decoder per case."""
-    d = v2.decoder("f16", max_cached_frames=3)
+    d = v2.decoder("f16", max_kv_states=3)
     try:
         order = [(i, q) for q in QUESTIONS for i in (3, 0, 2, 1)]        # 4 frames, LRU of 3: evictions
         for step, (i, q) in enumerate(order + order[::-1]):
             img = v2.images[i]
             got = d.generate(v2.prompt(q, img), img, GREEDY16).ids
-            assert got == v2.fresh(i, q), (step, i, q, d.cached_frames())
+            assert got == v2.fresh(i, q), (step, i, q, d.kv_state_keys())
     finally:
         d.close()
 
@@ -302,19 +302,19 @@ def test_image_longer_than_n_batch(v2, dec):
 
 
 def test_lru_eviction(v2):
-    d = v2.decoder("f16", max_cached_frames=2)
+    d = v2.decoder("f16", max_kv_states=2)
     try:
         imgs = v2.images[:3]
         ans = [d.generate(v2.prompt(QUESTIONS[2], im), im, GREEDY16) for im in imgs]
-        assert d.cached_frames() == [imgs[1].key, imgs[2].key]           # the first one went
+        assert d.kv_state_keys() == [imgs[1].key, imgs[2].key]           # the first one went
         d.generate(v2.prompt(QUESTIONS[0], imgs[1]), imgs[1], GREEDY16)    # touch 1: now 2 is LRU
-        assert d.cached_frames() == [imgs[2].key, imgs[1].key]
+        assert d.kv_state_keys() == [imgs[2].key, imgs[1].key]
         again_prompt = v2.prompt(QUESTIONS[2], imgs[0])
         again = d.generate(again_prompt, imgs[0], GREEDY16)                # evicted: image evaluated again
         assert again.cached_prefix_tokens == len(again_prompt.prefix)
         assert again.timings["evaluated_prompt_tokens"] == again_prompt.image_tokens + len(again_prompt.suffix)
         assert again.ids == ans[0].ids                                       # into a recycled buffer
-        assert d.cached_frames() == [imgs[1].key, imgs[0].key]
+        assert d.kv_state_keys() == [imgs[1].key, imgs[0].key]
         frame_bytes = next(iter(d.kv.frames.values())).nbytes
         for im in v2.images:                                               # evictions: buffers reused
             d.generate(v2.prompt(QUESTIONS[1], im), im, GREEDY16)
@@ -344,7 +344,7 @@ def test_prefill_leaves_a_question_only_its_text(v2, kind):
     try:
         img = v2.images[2]
         p = v2.prompt(QUESTIONS[0], img)
-        assert d.prefill(p, img) is True and d.cached_frames() == [img.key]
+        assert d.prefill(p, img) is True and d.kv_state_keys() == [img.key]
         assert d.prefill(p, img) is False                  # cached already: nothing evaluated
         g = d.generate(p, img, GREEDY16)
         assert g.cached_prefix_tokens == len(p.prefix) + p.image_tokens
@@ -359,11 +359,11 @@ def test_prefill_leaves_a_question_only_its_text(v2, kind):
             calls.append(1)                                # llama.cpp polls it during the evaluation
             return len(calls) > 3 or kind == "torch"       # torch evaluates in one call, checked first
         assert d.prefill(v2.prompt(QUESTIONS[0], other), other, interrupt) is False
-        assert d.cached_frames() == [img.key]
+        assert d.kv_state_keys() == [img.key]
         if kind == "llamacpp":
             assert len(calls) == 4                         # it stopped inside the image evaluation
         g = d.generate(v2.prompt(QUESTIONS[1], other), other, GREEDY16)
-        assert g.ids == without_prefill(3, QUESTIONS[1]) and d.cached_frames() == [img.key, other.key]
+        assert g.ids == without_prefill(3, QUESTIONS[1]) and d.kv_state_keys() == [img.key, other.key]
         # a prefill that is never interrupted, behind others, also answers the same
         assert d.prefill(v2.prompt("", v2.images[0]), v2.images[0], lambda: False) is True
         g = d.generate(v2.prompt(QUESTIONS[2], v2.images[0]), v2.images[0], GREEDY16)
@@ -388,7 +388,7 @@ def test_interrupt_returns_within_milliseconds(v2):
         assert d.prefill(v2.prompt("", img), img, interrupt) is False
         waited_ms = (time.perf_counter() - fired[0]) * 1e3
         print(f"\nprefill returned {waited_ms:.2f} ms after the interrupt ({len(polls)} polls)")
-        assert waited_ms < 50 and d.cached_frames() == []
+        assert waited_ms < 50 and d.kv_state_keys() == []
         assert d.generate(v2.prompt(QUESTIONS[0], img), img, GREEDY16).ids == v2.fresh(1, QUESTIONS[0])
     finally:
         d.close()
@@ -397,12 +397,12 @@ def test_interrupt_returns_within_milliseconds(v2):
 def test_context_size_bounds_the_answer(v2):
     """n_ctx counts the cells of one prompt and its answer (cached frames live outside the context):
     an answer running into the end of the context stops there ("length"), no error."""
-    d = v2.decoder("f16", max_cached_frames=4, n_ctx=256)
+    d = v2.decoder("f16", max_kv_states=4, n_ctx=256)
     try:
         assert d.n_ctx == 256
         for i in range(4):
             d.generate(v2.prompt(QUESTIONS[0], v2.images[i]), v2.images[i], GREEDY16)
-        assert d.cached_frames() == [im.key for im in v2.images]     # all four kept
+        assert d.kv_state_keys() == [im.key for im in v2.images]     # all four kept
         p = v2.prompt(QUESTIONS[0], v2.images[1])
         b = d.generate(p, v2.images[1], GREEDY16)
         g = d.generate(p, v2.images[1], GenerationParams(max_new_tokens=200, min_new_tokens=200))
@@ -500,13 +500,13 @@ def test_load_errors_and_close(v2, tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="could not load"):
         LlamaCppDecoder(tmp_path / "cut.gguf", v2.tok, library=v2.library)
-    with pytest.raises(ModelLoadError, match="max_cached_frames"):
-        v2.decoder("q8_0", max_cached_frames=0)
+    with pytest.raises(ModelLoadError, match="max_kv_states"):
+        v2.decoder("q8_0", max_kv_states=0)
     # artifacts: the manifest names the file; a missing quant and a mismatched model are explained
     manifest = {"llm": v2.llm, "hidden_size": 256}
     d = LlamaCppDecoder.from_artifacts(v2.out, manifest, v2.tok,
-                                       LoadOptions(quant="q8_0", threads=1, max_cached_frames=3))
-    assert d.describe()["quant"] == "q8_0" and d.max_cached_frames == 3 and d.threads == 1
+                                       LoadOptions(quant="q8_0", threads=1, max_kv_states=3))
+    assert d.describe()["quant"] == "q8_0" and d.max_kv_states == 3 and d.threads == 1
     d.close()
     d.close()                                           # idempotent
     with pytest.raises(RequestError, match="closed"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .artifacts import MANIFEST, choose_vision_dtype, read_manifest
+from .decoders.llama_batch import N_BATCH
 from .errors import ModelLoadError
 from .generation import Generation, GenerationParams, TokenCallback
 from .prompt import PromptIds, build_prompt
@@ -32,7 +33,7 @@ class LlamaCppOptions:
     """What LlamaCppDecoder takes beyond LoadOptions' common fields (see its __init__)."""
     n_ctx: int = 1024                       # KV cells for one prompt and its answer (the buffer is
                                             # resident whole); 0 = the model's training context
-    n_batch: int = 512
+    n_batch: int = N_BATCH                  # rows per llama_decode (0 = N_BATCH)
     threads_batch: int = 0                  # 0 = threads
     extra_buffers: Optional[bool] = None    # None = repacked layouts unless the CPU backend has AMX
     mmap: Optional[bool] = None             # None = map unless the weights are repacked on the CPU
@@ -57,7 +58,7 @@ class LoadOptions:
     device: str = "cpu"                 # torch backends: cpu | cuda
     threads: int = 0                    # 0 = library default
     gpu_layers: int = 0                 # llama.cpp layers offloaded to a GPU
-    max_cached_frames: int = 4          # frames whose image KV a decoder keeps
+    max_kv_states: int = 4              # frames whose image KV state a decoder keeps
     vision_tower: Optional[str] = None  # explicit CLIP folder for V1 checkpoints
     onnx_providers: Optional[list] = None
     engine_cache: Optional[str] = None  # TensorRT engine / timing cache folder
@@ -97,9 +98,9 @@ class MobileVLM:
         """Evaluate a frame's image tokens in the decoder ahead of its questions (see Decoder.prefill)."""
         return self.decoder.prefill(self.prompt(""), image, interrupt)
 
-    def cached_frames(self) -> list:
+    def kv_state_keys(self) -> list:
         """Keys of the frames whose image tokens the decoder holds (least recently used first)."""
-        return self.decoder.cached_frames()
+        return self.decoder.kv_state_keys()
 
     def kv_state_bytes(self) -> int:
         """Host memory of the decoder's saved KV states (0 for a decoder that does not count it)."""
@@ -182,7 +183,7 @@ def load_model(path, opts: Optional[LoadOptions] = None, **kw) -> MobileVLM:
     if decoder_name == "torch":
         from .decoders.torch_decoder import TorchDecoder
         decoder = TorchDecoder.from_state(ckpt.config.llm, ckpt.state, tokenizer, device=opts.device,
-                                          max_cached_frames=opts.max_cached_frames)
+                                          max_kv_states=opts.max_kv_states)
     else:
         from .decoders.llamacpp_decoder import LlamaCppDecoder
         decoder = LlamaCppDecoder.from_artifacts(path, manifest, tokenizer, opts)

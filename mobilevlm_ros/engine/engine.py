@@ -237,7 +237,7 @@ class Engine:
         if self.simulated:
             ready = None                            # encoding and prefill are instant there
         else:
-            in_decoder = set(self.model.cached_frames())
+            in_decoder = set(self.model.kv_state_keys())
             ready = lambda f: f.embedding is not None and f.embedding.key in in_decoder  # noqa: E731
         stamp = int(request.stamp_ns) if request is not None else 0
         try:
@@ -392,7 +392,7 @@ class Engine:
             # worker keeps waiting for it): given up instead, the frame in the decoder aged while a
             # newer one was encoded, until a question found it too old and evaluated the image itself
             # (first token 1.9-2.1 s, 2 answers in 20 in mobilevlm-bench node on the AMD EPYC).
-            if done or cached.embedding.key in self.model.cached_frames():
+            if done or cached.embedding.key in self.model.kv_state_keys():
                 self._prefilled[camera] = cached.seq
             if done:
                 ms = (time.perf_counter() - t0) * 1e3
@@ -444,5 +444,5 @@ class Engine:
                            vision_errors=self.frames.encode_errors, last_error=self.counters.last_error,
                            last_total_ms=self._last_total_ms, max_frame_age_s=self.max_frame_age_s(),
                            prefill_ms_avg=self._prefill_ms_avg,
-                           cached_frames_in_decoder=len(self.model.cached_frames()),
+                           decoder_kv_states=len(self.model.kv_state_keys()),
                            decoder_cache_bytes=self.model.kv_state_bytes(), vision_aborted=self.frames.encodes_aborted)

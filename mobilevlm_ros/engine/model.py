@@ -39,7 +39,7 @@ class Model(Protocol):
         """Evaluate a frame's image tokens ahead of its questions; True if evaluated now, False if
         held already or `interrupt` returned True first. Same threading rule as `ask`."""
 
-    def cached_frames(self) -> List[int]:
+    def kv_state_keys(self) -> List[int]:
         """Keys (ImageEmbedding.key) of the frames whose image tokens the decoder holds, least
         recently used first. Safe from any thread."""
 

@@ -70,7 +70,7 @@ class EngineStats:
     last_total_ms: float
     max_frame_age_s: float               # in effect now (0 = no limit)
     prefill_ms_avg: float
-    cached_frames_in_decoder: int = 0
+    decoder_kv_states: int = 0
     decoder_cache_bytes: int = 0         # host memory of the decoder's cached KV states
     vision_aborted: int = 0              # background encodes stopped for an answer (redone later)
     extra: Dict[str, Any] = field(default_factory=dict)

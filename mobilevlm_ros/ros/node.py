@@ -510,7 +510,7 @@ class MobileVLMNode(LifecycleNode):
                                                  "vision_aborted": st.vision_aborted,
                                                  "max_frame_age_s": f"{max_age:.3f}",
                                                  "prefill_ms_avg": f"{st.prefill_ms_avg:.1f}",
-                                                 "decoder_kv_states": st.cached_frames_in_decoder,
+                                                 "decoder_kv_states": st.decoder_kv_states,
                                                  "decoder_cache_mb": f"{st.decoder_cache_bytes / 2**20:.2f}",
                                                  "last_total_ms": f"{st.last_total_ms:.1f}",
                                                  "last_error": st.last_error or self.last_error})))

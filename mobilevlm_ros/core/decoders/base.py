@@ -85,7 +85,7 @@ class Decoder(ABC):
         evaluated, False if it was cached already or `interrupt` (polled between chunks, where the
         decoder supports that) returned True first. Same threading rules as generate."""
 
-    def cached_frames(self) -> list:
+    def kv_state_keys(self) -> list:
         """Keys (ImageEmbedding.key) of the frames whose image tokens are cached, least recently used
         first. Subclasses keep them in self._frames, a FrameCache keyed by (image key, prompt prefix).
         Safe to call from another thread (a copy is taken at once)."""

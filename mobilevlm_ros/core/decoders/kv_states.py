@@ -12,7 +12,7 @@ answers on AVX-512 machines.)
 
     prefix state   BOS + system + "USER: ", evaluated once per load
     frame states   prefix + the frame's image tokens (+ the frame tail, see LlamaCppDecoder), LRU
-                   over max_cached_frames (host memory, 2 x layers x kv width x 2 bytes per token:
+                   over max_kv_states (host memory, 2 x layers x kv width x 2 bytes per token:
                    35 MB per frame at 1.7B)
     the context    the state being answered from, + the rest of the question + the answer
 """
@@ -46,11 +46,11 @@ class KVStates:
     what the context holds now, on one context of `llama` (an API object of
     llama_library.import_library). Not thread-safe: the decoder's callers serialise."""
 
-    def __init__(self, llama, ctx, max_cached_frames: int):
+    def __init__(self, llama, ctx, max_kv_states: int):
         self.llama, self.ctx = llama, ctx
         self.mem = llama.llama_get_memory(ctx)
-        self.max_cached_frames = max_cached_frames
-        self.frames = FrameCache(max_cached_frames, on_evict=lambda _key, state: self.recycle(state))
+        self.max_kv_states = max_kv_states
+        self.frames = FrameCache(max_kv_states, on_evict=lambda _key, state: self.recycle(state))
         self.prefix: Optional[tuple] = None       # (prefix ids, KVState)
         # buffers of evicted frame states, reused by the next save: a fresh 35 MB buffer costs
         # ~80 ms of first-touch page faults (measured in a VM, where large blocks come from mmap)
@@ -105,8 +105,8 @@ class KVStates:
         return state
 
     def recycle(self, state: KVState) -> None:
-        """An evicted frame state's buffer becomes a spare (at most max_cached_frames of them)."""
-        if state.data is not None and len(self.spare) < self.max_cached_frames:
+        """An evicted frame state's buffer becomes a spare (at most max_kv_states of them)."""
+        if state.data is not None and len(self.spare) < self.max_kv_states:
             self.spare.append(state.data)
         state.data = None
         if self.loaded is state:

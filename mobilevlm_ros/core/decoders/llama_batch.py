@@ -12,6 +12,7 @@ import numpy as np
 
 SEQ = 0                     # the context's only sequence
 NO_LOGITS = range(0)
+N_BATCH = 512               # rows per llama_decode by default: an image's 144 rows and a question in one
 
 # A question's batch up to PAD_MAX tokens short of a multiple of PAD_MULTIPLE is padded to it:
 # llama.cpp's repacked x86 kernels multiply 16 rows at a time and take a remainder row by row, at

@@ -28,7 +28,7 @@ class LlamaContext:
 
     def __init__(self, llama, library: str, model, path: Path, n_ctx: int, n_batch: int, threads: int,
                  threads_batch: int, flash_attn: Optional[bool], n_embd: int, n_vocab: int,
-                 max_cached_frames: int):
+                 max_kv_states: int):
         self.llama, self.n_vocab = llama, n_vocab
         self.ctx = open_context(llama, model, path, n_ctx, n_batch, threads, threads_batch, flash_attn)
         try:
@@ -38,7 +38,7 @@ class LlamaContext:
         except BaseException:
             llama.llama_free(self.ctx)
             raise
-        self.kv = KVStates(llama, self.ctx, max_cached_frames)
+        self.kv = KVStates(llama, self.ctx, max_kv_states)
         self.pad_max = PAD_MAX_BY_LIBRARY[library]    # 0: question batches as they are
         self._no_abort = llama.ggml_abort_callback()  # NULL: llama.cpp's default, no polling
 

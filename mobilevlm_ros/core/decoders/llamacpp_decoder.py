@@ -40,22 +40,20 @@ from ..tokenizer import Tokenizer
 from ..vision import ImageEmbedding
 from .base import Decoder, Turn
 from .kv_states import KVState
-from .llama_batch import NO_LOGITS, last
+from .llama_batch import N_BATCH, NO_LOGITS, last
 from .llama_context import Interrupted, LlamaContext
 from .llama_library import check_gguf_file, choose_library, default_threads, import_library, open_model
 from .llama_log import route_llama_logs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_N_BATCH = 512
-
 
 class LlamaCppDecoder(Decoder):
     name = "llamacpp"
 
     def __init__(self, model_path, tokenizer: Tokenizer, quant: Optional[str] = None, threads: int = 0,
-                 threads_batch: int = 0, gpu_layers: int = 0, max_cached_frames: int = 4,
-                 n_ctx: int = 0, n_batch: int = DEFAULT_N_BATCH, flash_attn: Optional[bool] = None,
+                 threads_batch: int = 0, gpu_layers: int = 0, max_kv_states: int = 4,
+                 n_ctx: int = 0, n_batch: int = N_BATCH, flash_attn: Optional[bool] = None,
                  extra_buffers: Optional[bool] = None, mmap: Optional[bool] = None,
                  frame_tail: bool = False, library: str = "llama.cpp"):
         """Load a GGUF file. threads/threads_batch 0 = every core this process may use; gpu_layers:
@@ -67,7 +65,7 @@ class LlamaCppDecoder(Decoder):
         are repacked on the CPU; frame_tail: evaluate the template's newline with the image (off:
         see _load_frame_tail); library: "llama.cpp" (llama-cpp-python) or "ik_llama.cpp" (the fork,
         through ik_llama_api), the same GGUF files either way."""
-        self._model = self.context = None
+        self.llama_model = self.context = None
         self._closed = True
         self.library = library
         llama = self.llama = import_library(library)
@@ -76,33 +74,33 @@ class LlamaCppDecoder(Decoder):
         self.quant = quant
         self.tok = tokenizer
         check_gguf_file(self.path)
-        max_cached_frames = int(max_cached_frames)
-        if max_cached_frames < 1:
-            raise ModelLoadError(f"max_cached_frames must be >= 1, got {max_cached_frames}")
+        max_kv_states = int(max_kv_states)
+        if max_kv_states < 1:
+            raise ModelLoadError(f"max_kv_states must be >= 1, got {max_kv_states}")
         self.threads = int(threads) if threads and threads > 0 else default_threads()
         self.threads_batch = int(threads_batch) if threads_batch and threads_batch > 0 else self.threads
         self.gpu_layers = int(gpu_layers)
-        self._model, self.extra_buffers, self.mmap = open_model(llama, self.path, self.gpu_layers,
+        self.llama_model, self.extra_buffers, self.mmap = open_model(llama, self.path, self.gpu_layers,
                                                                 extra_buffers, mmap)
         try:
-            vocab = llama.llama_model_get_vocab(self._model)
+            vocab = llama.llama_model_get_vocab(self.llama_model)
             self.n_vocab = int(llama.llama_vocab_n_tokens(vocab))
-            self.n_embd = int(llama.llama_model_n_embd(self._model))
-            self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
+            self.n_embd = int(llama.llama_model_n_embd(self.llama_model))
+            self.n_ctx_train = int(llama.llama_model_n_ctx_train(self.llama_model))
             if self.n_vocab < tokenizer.vocab_size:
                 raise ModelLoadError(f"{self.path} has {self.n_vocab} tokens, fewer than the tokenizer's "
                                      f"{tokenizer.vocab_size}: the GGUF and tokenizer do not match")
-            self.context = LlamaContext(llama, library, self._model, self.path,
+            self.context = LlamaContext(llama, library, self.llama_model, self.path,
                                         int(n_ctx) if n_ctx and n_ctx > 0 else self.n_ctx_train,
                                         max(1, int(n_batch)), self.threads, self.threads_batch, flash_attn,
-                                        self.n_embd, self.n_vocab, max_cached_frames)
+                                        self.n_embd, self.n_vocab, max_kv_states)
         except BaseException:
             self._free_native()
             raise
         self.n_ctx, self.n_batch = self.context.n_ctx, self.context.n_batch
-        self.max_cached_frames = max_cached_frames
+        self.max_kv_states = max_kv_states
         self.kv = self.context.kv
-        self._frames = self.kv.frames                 # Decoder.cached_frames reads it
+        self._frames = self.kv.frames                 # Decoder.kv_state_keys reads it
         self.frame_tail, self._tail_rows = self._load_frame_tail() if frame_tail else ((), None)
         self._closed = False
         log.info("llama.cpp decoder: %s (%s), n_ctx %d, n_batch %d, threads %d/%d, gpu layers %d",
@@ -111,7 +109,7 @@ class LlamaCppDecoder(Decoder):
 
     @classmethod
     def from_artifacts(cls, path, manifest: dict, tokenizer: Tokenizer, opts) -> "LlamaCppDecoder":
-        """The manifest's llm-<opts.quant>.gguf with opts.threads, gpu_layers, max_cached_frames
+        """The manifest's llm-<opts.quant>.gguf with opts.threads, gpu_layers, max_kv_states
         and the typed opts.llamacpp (pipeline.LlamaCppOptions: n_ctx, library, ...)."""
         from ..artifacts import artifact_path
         quant = str(opts.quant).lower()
@@ -125,8 +123,8 @@ class LlamaCppDecoder(Decoder):
                 library, why = "llama.cpp", f"auto: {e}"
         log.info("llama.cpp library: %s (%s)", library, why)
         dec = cls(file, tokenizer, quant=quant, threads=opts.threads, threads_batch=lo.threads_batch,
-                  gpu_layers=opts.gpu_layers, max_cached_frames=opts.max_cached_frames,
-                  n_ctx=lo.n_ctx, n_batch=lo.n_batch or DEFAULT_N_BATCH, flash_attn=lo.flash_attn,
+                  gpu_layers=opts.gpu_layers, max_kv_states=opts.max_kv_states,
+                  n_ctx=lo.n_ctx, n_batch=lo.n_batch or N_BATCH, flash_attn=lo.flash_attn,
                   extra_buffers=lo.extra_buffers, mmap=lo.mmap, library=library)
         hidden = manifest.get("hidden_size")
         if hidden is not None and int(hidden) != dec.n_embd:
@@ -318,12 +316,12 @@ class LlamaCppDecoder(Decoder):
         if self.context is not None:
             self.context.free()
             self.context = None
-        if self._model is not None:
-            llama.llama_model_free(self._model)
-            self._model = None
+        if self.llama_model is not None:
+            llama.llama_model_free(self.llama_model)
+            self.llama_model = None
 
 
-__all__ = ["LlamaCppDecoder", "DEFAULT_N_BATCH"]
+__all__ = ["LlamaCppDecoder"]
 
 
 class _LlamaTurn(Turn):

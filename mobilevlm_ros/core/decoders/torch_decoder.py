@@ -34,12 +34,12 @@ def sample(logits: torch.Tensor, params: GenerationParams, generator: Optional[t
 class TorchDecoder(Decoder):
     name = "torch"
 
-    def __init__(self, llm: LlamaForCausalLM, tokenizer: Tokenizer, max_cached_frames: int = 4,
+    def __init__(self, llm: LlamaForCausalLM, tokenizer: Tokenizer, max_kv_states: int = 4,
                  device: str = "cpu"):
         self.llm, self.tok, self.device = llm.eval(), tokenizer, torch.device(device)
         self.dtype = next(llm.parameters()).dtype
         self._prefix: dict = {}
-        self._frames = FrameCache(max_cached_frames)
+        self._frames = FrameCache(max_kv_states)
 
     @classmethod
     def from_state(cls, cfg, state: dict, tokenizer: Tokenizer, device: str = "cpu", **kw):

@@ -145,14 +145,14 @@ def summary_rows(res: dict) -> list:
     d = res.get("decoder", {})
     for r in d.get("quants", []):
         c = r.get("ceiling", {})
-        engine = r.get("engine", "llama.cpp")
-        rows.append((f"decode {r['quant']} on {engine}, tok/s: ours / {engine}'s own loop (ratio per run pair)",
+        library = r.get("library", "llama.cpp")
+        rows.append((f"decode {r['quant']} on {library}, tok/s: ours / {library}'s own loop (ratio per run pair)",
                      f"{fmt(r['decode_tok_s'])} / {fmt(r['llama_tg_tok_s'])} (ratio {fmt(r['decode_ratio'], 2)})",
                      f">= {TARGET_DECODE_RATIO}: {'met' if median(r['decode_ratio']) >= TARGET_DECODE_RATIO else 'not met'}"))
-        rows.append((f"prompt eval {r['quant']} on {engine}, tok/s: ours / its own loop", f"{fmt(r['prompt_eval_tok_s'])} / "
+        rows.append((f"prompt eval {r['quant']} on {library}, tok/s: ours / its own loop", f"{fmt(r['prompt_eval_tok_s'])} / "
                      f"{fmt(r['llama_pp_tok_s'])}", ""))
         if c:
-            rows.append((f"decode ceiling {r['quant']} on {engine} from the bandwidth measured in the same run: "
+            rows.append((f"decode ceiling {r['quant']} on {library} from the bandwidth measured in the same run: "
                          "MB read per token; tok/s; ours / ceiling",
                          f"{c['bytes'] / 1e6:.0f}; {c['tok_s']:.1f}; {c['ours_fraction']:.2f}", ""))
     if d.get("bandwidth"):

@@ -73,8 +73,8 @@ def run(a) -> dict:
         dec.pad_max = shipped_pad
         rows = [{"tokens": n, "evaluated": padded_length(n, shipped_pad),
                  "ms": stats(times[(n, True)]), "ms_unpadded": stats(times[(n, False)])} for n in sizes]
-        return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "engine": dec.library,
-                "pad_max": shipped_pad, "engine_pad_max": dec.pad_max,
+        return {"benchmark": "batches", "model": str(a.model), "quant": a.quant, "library": dec.library,
+                "pad_max": shipped_pad, "decoder_pad_max": dec.pad_max,
                 "repeats": a.repeats, "rows": rows, "machine": finish_machine(machine),
                 "decoder": dec.describe()}
     finally:
@@ -90,7 +90,7 @@ def table(r: dict) -> str:
                      f"| {per:.1f} |")
     lines.append("")
     lines.append(f"Medians (min–max) of {r['repeats']} interleaved repeats: the text_prefill_ms of a question of "
-                 f"that many tokens after a frame already in the decoder ({r.get('engine', 'llama.cpp')} "
+                 f"that many tokens after a frame already in the decoder ({r.get('library', 'llama.cpp')} "
                  f"{r['quant']}, pad_max {r['pad_max']}); "
                  f"{machine_line(r['machine'])}.")
     return "\n".join(lines)

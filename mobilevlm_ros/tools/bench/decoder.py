@@ -13,14 +13,14 @@ the model's width; the decoder's cost does not depend on their values):
   prompt eval tok/s   a question about a new frame: image tokens + question text evaluated, prefix cached
   decode tok/s        --tokens generated with EOS ignored (min_new_tokens), one frame cached: the
                       (tokens - 1) single-token evaluations / decode time
-  decode, 4 cached    the same with max_cached_frames (4) frames in the KV cache
-  TTFT cached frame   first token of a question about a frame already evaluated (text only)
+  decode, 4 KV states the same with max_kv_states (4) frames' KV states held
+  TTFT frame in decoder  first token of a question about a frame already evaluated (text only)
   text batch          the same for the question the llama.cpp loop evaluates, beside that loop's own
                       time for its text (one llama_decode after the image) + its first token: the part
                       of a first token that llama.cpp's kernels set; ratio llama.cpp / ours per pair
   TTFT new frame      ... about a new frame (image + text; prefix reused)
   TTFT no reuse       ... with nothing cached (prefix + image + text: what re-encoding pipelines pay)
-  llama.cpp pp / tg   the engine's own speed on the same file, same threads, same process: a plain loop
+  llama.cpp pp / tg   the library's own speed on the same file, same threads, same process: a plain loop
                       of llama_decode calls (the same image embeddings + text in n_batch chunks, then
                       1-token batches with llama.cpp's greedy sampler), no caching, no Python per token
   ratio               our decode tok/s / llama.cpp tg tok/s of each pair of runs (target >= 0.95)
@@ -30,8 +30,8 @@ the model's width; the decoder's cost does not depend on their values):
   peak RSS            VmHWM of the child after our decoder's runs, before llama.cpp's own context
 
 Every figure is the median over --repeats timed runs after --warmup untimed ones, with min and max;
-ours and llama.cpp's runs alternate so that background load hits both alike. With several engines,
-each (engine, quantization) runs in its own child, engines one after the other per quantization. Prints a markdown table;
+ours and llama.cpp's runs alternate so that background load hits both alike. With several libraries,
+each (library, quantization) runs in its own child, libraries one after the other per quantization. Prints a markdown table;
 writes OUT/decoder.json, OUT/decoder.md and OUT/decoder.png.
 """
 from __future__ import annotations
@@ -209,7 +209,7 @@ def _worker_quant(job: dict) -> dict:
     tok = load_tokenizer(job["tokenizer"])
     t0 = time.perf_counter()
     dec = LlamaCppDecoder(job["gguf"], tok, quant=quant, threads=job["threads"], n_ctx=job["n_ctx"],
-                          max_cached_frames=4, library=job["engine"])
+                          max_kv_states=4, library=job["library"])
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
 
@@ -244,7 +244,7 @@ def _worker_quant(job: dict) -> dict:
         nonlocal pure, rss_ours
         if pure is None:
             rss_ours = peak_rss_mb()
-            pure = PureLlama(dec.llama, dec._model, dec.n_embd, dec.threads, job["n_ctx_pure"], dec.n_batch)
+            pure = PureLlama(dec.llama, dec.llama_model, dec.n_embd, dec.threads, job["n_ctx_pure"], dec.n_batch)
         # the question ours evaluates with its new frame (c above): the same token counts
         r = pure.run(prompts[2].prefix, frame().embeds, prompts[2].suffix, n_gen)
         if record:
@@ -261,16 +261,16 @@ def _worker_quant(job: dict) -> dict:
         if record:
             _log(f"  {dec.library} {quant} run {i - warmup + 1}/{repeats}: decode {rows['decode_tok_s'][-1]:.2f} "
                  f"tok/s, its own loop {rows['llama_tg_tok_s'][-1]:.2f} tok/s")
-    # steady state of a node: max_cached_frames frames in the KV cache while answering
+    # steady state of a node: max_kv_states frames in the KV cache while answering
     dec.clear_cache()
-    frames = [frame() for _ in range(dec.max_cached_frames)]
+    frames = [frame() for _ in range(dec.max_kv_states)]
     for f in frames:
         dec.generate(prompts[0], f, one)
     for _ in range(repeats):
         b = dec.generate(prompts[1], frames[-1], forced)
         rows["decode_4cached_tok_s"].append((n_gen - 1) / (b.decode_ms / 1e3))
-    assert len(dec.cached_frames()) == dec.max_cached_frames
-    result = {"quant": quant, "engine": dec.library, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
+    assert len(dec.kv_state_keys()) == dec.max_kv_states
+    result = {"quant": quant, "library": dec.library, "file": Path(job["gguf"]).name, "file_mb": Path(job["gguf"]).stat().st_size / 2 ** 20,
               "load_s": load_s, "n_ctx": dec.n_ctx, "n_batch": dec.n_batch, "threads": dec.threads,
               "extra_buffers": dec.extra_buffers,
               "prompt_tokens": {"prefix": len(prompts[1].prefix), "image": IMAGE_TOKENS,     # decode's
@@ -294,13 +294,13 @@ def _work(job: dict) -> dict:
 # ------------------------------------------------------------------------------------ report
 
 def table(result: dict) -> str:
-    head = ("| engine | quant | file MB | prompt eval tok/s | its own loop: pp tok/s | decode tok/s | its own loop: tg tok/s "
-            "| ratio | ceiling tok/s | ours / ceiling | decode, 4 frames cached | TTFT cached frame ms "
+    head = ("| library | quant | file MB | prompt eval tok/s | its own loop: pp tok/s | decode tok/s | its own loop: tg tok/s "
+            "| ratio | ceiling tok/s | ours / ceiling | decode, 4 KV states held | TTFT frame in decoder ms "
             "| text batch ms, ours / its loop (ratio) | TTFT new frame ms | TTFT no reuse ms | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["quants"]:
         c = r.get("ceiling", {})
-        lines.append(f"| {r.get('engine', 'llama.cpp')} | {r['quant']} | {r['file_mb']:.0f} | {fmt(r['prompt_eval_tok_s'])} | "
+        lines.append(f"| {r.get('library', 'llama.cpp')} | {r['quant']} | {r['file_mb']:.0f} | {fmt(r['prompt_eval_tok_s'])} | "
                      f"{fmt(r['llama_pp_tok_s'])} | {fmt(r['decode_tok_s'], 2)} | {fmt(r['llama_tg_tok_s'], 2)} | "
                      f"{fmt(r['decode_ratio'], 2)} | {c.get('tok_s', 0):.1f} | {c.get('ours_fraction', 0):.2f} | "
                      f"{fmt(r['decode_4cached_tok_s'], 2)} | {fmt(r['ttft_cached_ms'], 0)} | "
@@ -310,12 +310,12 @@ def table(result: dict) -> str:
     ex = result.get("export", {})
     notes = [f"Medians (min–max) of {result['repeats']} runs after {result['warmup']} warm-up; "
              f"{result['tokens']} tokens decoded per run; {machine_line(result['machine'])}.",
-             "ratio = our decode tok/s / the engine's own 1-token decode loop on the same file, per pair of "
+             "ratio = our decode tok/s / the library's own 1-token decode loop on the same file, per pair of "
              "alternating runs (target >= 0.95).",
              "text batch = a question's own text evaluated after its frame's image (already in the decoder) "
              "and its first token sampled, the question of TTFT new frame "
              f"({result['quants'][0]['prompt_tokens'].get('prompt_eval_suffix', '?')} tokens): ours as a question "
-             "about a cached frame, the engine's loop as one llama_decode after the image; ratio = "
+             "about a cached frame, the library's loop as one llama_decode after the image; ratio = "
              "the loop's ms / ours per pair.",
              "weight layout: " + ("llama.cpp's repacked one (CPU_REPACK)"
                                   if result["quants"][0].get("extra_buffers", True)
@@ -341,17 +341,17 @@ def plot(result: dict, ax) -> None:
     labels, values, errors, colors = [], [], [], []
     for r in result["quants"]:
         for label, key, color in (("ours", "decode_tok_s", "tab:blue"), ("its loop", "llama_tg_tok_s", "tab:orange")):
-            labels.append(f"{r.get('engine', 'llama.cpp')} {r['quant']} {label}")
+            labels.append(f"{r.get('library', 'llama.cpp')} {r['quant']} {label}")
             values.append(r[key]["median"])
             errors.append(minmax(r[key]))
             colors.append(color)
         if r.get("ceiling"):
-            labels.append(f"{r.get('engine', 'llama.cpp')} {r['quant']} bandwidth ceiling")
+            labels.append(f"{r.get('library', 'llama.cpp')} {r['quant']} bandwidth ceiling")
             values.append(r["ceiling"]["tok_s"])
             errors.append((r["ceiling"]["tok_s"], r["ceiling"]["tok_s"]))
             colors.append("tab:gray")
     barh(ax, labels, values, errors, xlabel="decode tokens/s (median, min–max)",
-         title="Decode: ours, the engine's own loop, bandwidth ceiling", color=colors,
+         title="Decode: ours, the library's own loop, bandwidth ceiling", color=colors,
          fmt_value="{:.1f}")
 
 
@@ -363,7 +363,7 @@ def run(a) -> dict:
         raise SystemExit(f"mobilevlm-bench decoder: model folder not found: {model}")
     quants = a.quants
     try:
-        engines = libraries_option(",".join(a.libraries))     # none named: every installed one
+        libraries = libraries_option(",".join(a.libraries))     # none named: every installed one
     except ValueError as e:
         raise SystemExit(f"mobilevlm-bench decoder: {e}") from None
     threads = a.threads if a.threads > 0 else default_threads()
@@ -384,10 +384,10 @@ def run(a) -> dict:
                   "export": export_info, "quants": []}
         bandwidth = [measure_read_bandwidth(threads=threads)]
         for q in quants:
-            for engine in engines:
-                _log(f"{engine} {q}: {section[q]['file']} ...")
+            for library in libraries:
+                _log(f"{library} {q}: {section[q]['file']} ...")
                 gguf = folder / section[q]["file"]
-                r = _run_child({"kind": "quant", "quant": q, "gguf": str(gguf), "engine": engine,
+                r = _run_child({"kind": "quant", "quant": q, "gguf": str(gguf), "library": library,
                                 "tokenizer": str(tokenizer), "threads": threads, "tokens": a.tokens,
                                 "repeats": a.repeats, "warmup": a.warmup, "n_ctx": a.n_ctx,
                                 "n_ctx_pure": max(512, a.n_ctx or 0)}, a.timeout)
@@ -395,7 +395,7 @@ def run(a) -> dict:
                 p = r["prompt_tokens"]      # mean KV position while decoding the measured answer
                 r["ceiling"] = decode_bytes_per_token(gguf, p["prefix"] + p["image"] + p["suffix"] + a.tokens // 2)
                 result["quants"].append(r)
-                _log(f"{engine} {q}: decode {r['decode_tok_s']['median']:.2f} tok/s vs its own loop "
+                _log(f"{library} {q}: decode {r['decode_tok_s']['median']:.2f} tok/s vs its own loop "
                      f"{r['llama_tg_tok_s']['median']:.2f} (ratio {r['decode_ratio']['median']:.2f})")
         passes = stats([g for b in bandwidth for g in b["passes_gbps"]])
         result["bandwidth"] = {"median_gbps": passes["median"], "best_gbps": passes["max"],

@@ -6,7 +6,7 @@
 
 A random model's logits have near-ties that any rounding flips, so its greedy answers say little
 about a quantization. This bench uses the SmolLM2 test model instead (`mobilevlm-make-tiny
---decoder smollm2`: SmolLM2-135M-Instruct as the language model, in the published MobileVLM layout,
+--language-model smollm2`: SmolLM2-135M-Instruct as the language model, in the published MobileVLM layout,
 with a random CLIP + projector at --vision-dims; made in OUT unless --model names a checkpoint), and
 exports it with the project's own export (`mobilevlm-export`: vision graphs fp32 and int8, one GGUF
 per quantization; reused while the checkpoint is unchanged).
@@ -232,7 +232,7 @@ def run(a) -> dict:
     torch.set_num_threads(threads)
     quants = a.quants
     try:
-        engines = libraries_option(",".join(a.libraries))     # none named: every installed one
+        libraries = libraries_option(",".join(a.libraries))     # none named: every installed one
     except ValueError as e:
         raise SystemExit(f"mobilevlm-bench fidelity: {e}") from None
     tmp = None
@@ -265,7 +265,7 @@ def run(a) -> dict:
         # the reference: fp32 ONNX vision + float32 torch decoder, through load_model
         t0 = time.perf_counter()
         ref = load_model(art, LoadOptions(vision_backend="onnxruntime", vision_dtype="fp32", decoder="torch",
-                                          threads=threads, max_cached_frames=4))
+                                          threads=threads, max_kv_states=4))
         int8 = OnnxRuntimeVision.from_artifacts(art, manifest, LoadOptions(vision_dtype="int8", threads=threads))
         _log(f"encoding {len(frames)} frames with the fp32 and int8 vision graphs ...")
         t_v = time.perf_counter()
@@ -311,13 +311,13 @@ def run(a) -> dict:
         _log(f"reference done in {ref_s:.0f} s (mean answer {np.mean(lengths):.1f} tokens)")
 
         rows, q_int8 = [], None
-        for quant, engine in [(q, e) for q in quants for e in engines]:
+        for quant, library in [(q, e) for q in quants for e in libraries]:
             t1 = time.perf_counter()
             tok = ref.tokenizer
             dec = LlamaCppDecoder.from_artifacts(art, manifest, tok, LoadOptions(
-                quant=quant, threads=threads, llamacpp=LlamaCppOptions(n_ctx=n_ctx, library=engine)))
+                quant=quant, threads=threads, llamacpp=LlamaCppOptions(n_ctx=n_ctx, library=library)))
             tally = Tally()
-            vis_tally = Tally() if quant == VISION_QUANT and engine == engines[0] else None
+            vis_tally = Tally() if quant == VISION_QUANT and library == libraries[0] else None
             try:
                 for k, ((fi, q, p), g, lp) in enumerate(zip(prompts, refs, logp_refs)):
                     got = dec.generate(p, emb32[fi], params)
@@ -335,13 +335,13 @@ def run(a) -> dict:
             finally:
                 dec.close()
             path = artifact_path(art, manifest, "llm", quant)
-            row = {"quant": quant, "engine": engine, "file": path.name, "file_mb": path.stat().st_size / 2 ** 20,
+            row = {"quant": quant, "library": library, "file": path.name, "file_mb": path.stat().st_size / 2 ** 20,
                    "tensor_types": tensor_types(path), "extra_buffers": describe.get("extra_buffers"),
                    "seconds": time.perf_counter() - t1, **tally.summary()}
             rows.append(row)
             if vis_tally is not None:
                 q_int8 = vis_tally.summary()
-            _log(f"{engine} {quant}: answers identical {row['answers_identical_pct']:.0f} %, first token "
+            _log(f"{library} {quant}: answers identical {row['answers_identical_pct']:.0f} %, first token "
                  f"{row['first_token_pct']:.0f} %, same top {row['same_top_pct']:.1f} %, mean KL "
                  f"{row['kl']['mean']:.5f} ({row['seconds']:.0f} s)")
         result["quants"] = rows
@@ -367,11 +367,11 @@ def _kl(s, key, digits=5) -> str:
 
 def table(result: dict) -> str:
     st = result["settings"]
-    head = ("| engine | quant | file MB | tensor types (norms F32) | answers identical % | first token % | agreeing prefix, "
+    head = ("| library | quant | file MB | tensor types (norms F32) | answers identical % | first token % | agreeing prefix, "
             "tokens | same top token % | mean KL | median KL | p99 KL | max KL |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["quants"]:
-        lines.append(f"| {r.get('engine', 'llama.cpp')} | {r['quant']} | {r['file_mb']:.1f} | {_types(r['tensor_types'])} | "
+        lines.append(f"| {r.get('library', 'llama.cpp')} | {r['quant']} | {r['file_mb']:.1f} | {_types(r['tensor_types'])} | "
                      f"{r['answers_identical_pct']:.0f} | {r['first_token_pct']:.0f} | "
                      f"{r['agreeing_prefix_tokens']:.1f} | {r['same_top_pct']:.2f} | {_kl(r, 'mean')} | "
                      f"{_kl(r, 'median')} | {_kl(r, 'p99')} | {_kl(r, 'max', 3)} |")
@@ -419,7 +419,7 @@ def table(result: dict) -> str:
 def plot(result: dict, ax) -> None:
     labels, values, colors = [], [], []
     for r in result["quants"]:
-        name = f"{r.get('engine', 'llama.cpp')} {r['quant']}"
+        name = f"{r.get('library', 'llama.cpp')} {r['quant']}"
         labels += [f"{name} answers identical", f"{name} same top token"]
         values += [r["answers_identical_pct"], r["same_top_pct"]]
         colors += ["tab:blue", "tab:orange"]

@@ -37,13 +37,13 @@ def bench_frame() -> np.ndarray:
     return pattern_frame(480, 640, seed=0)
 
 
-def run_ours(a, engine: str = "auto") -> dict:
+def run_ours(a, library: str = "auto") -> dict:
     from ...core.generation import GenerationParams
     from ...core.pipeline import LlamaCppOptions, LoadOptions, load_model
     model = load_model(a.artifacts, LoadOptions(vision_backend="onnxruntime", decoder="llamacpp",
                                                 quant=a.quant, threads=a.threads,
                                                 vision_dtype=a.vision_dtype,
-                                                llamacpp=LlamaCppOptions(library=engine)))
+                                                llamacpp=LlamaCppOptions(library=library)))
     frame = bench_frame()
     params = GenerationParams(max_new_tokens=a.tokens, min_new_tokens=a.tokens)
     vision, ttft, total = [], [], []
@@ -144,7 +144,7 @@ def run_reference(a) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"ours": run_ours, "ours-llamacpp": lambda a: run_ours(a, engine="llama.cpp"), "reference": run_reference}
+WORKERS = {"ours": run_ours, "ours-llamacpp": lambda a: run_ours(a, library="llama.cpp"), "reference": run_reference}
 
 
 def _work(job: dict) -> dict:
