@@ -19,7 +19,6 @@ import yaml
 
 from mobilevlm_ros.replay import bagio
 from mobilevlm_ros.core.generation import GenerationParams
-from mobilevlm_ros.core.pipeline import load_model
 from mobilevlm_ros.engine.frames import NS
 from mobilevlm_ros.ros.conversion import stamp_ns
 from mobilevlm_ros.tools import ask as ask_tool
@@ -66,18 +65,11 @@ class SharedModel:
         pass
 
 
-@pytest.fixture(scope="module")
-def model(tiny_v2):
-    m = load_model(tiny_v2)
-    yield m
-    m.close()
-
-
 @pytest.fixture
-def shared(monkeypatch, model):
+def shared(monkeypatch, torch_model):
     """replay.main gets the already loaded model instead of loading --model again."""
-    monkeypatch.setattr(replay, "load_from_args", lambda a: SharedModel(model))
-    return model
+    monkeypatch.setattr(replay, "load_from_args", lambda a: SharedModel(torch_model))
+    return torch_model
 
 
 @pytest.fixture(scope="module")
@@ -428,6 +420,21 @@ def test_bad_questions_file_and_unknown_topic_exit_2(bags, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "topic /nope is not in the bag" in err and "/front/image_raw [sensor_msgs/msg/Image]" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_params_file_with_a_renamed_parameter_exits_2_naming_the_new_one(bags, tmp_path, capsys):
+    """A node parameters file from before the renames: refused, not replayed with the default."""
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump({"cameras": {"front": "/front/image_raw"},
+                                 "questions": [{"question": "q", "at": 1}]}))
+    params = tmp_path / "node.yaml"
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"frame_cache_size": 2}}}))
+    assert run(bags["raw_mcap"]["path"], q, tmp_path / "o.jsonl", "--params", params) == 2
+    err = capsys.readouterr().err
+    assert "parameter frame_cache_size is now called embedding_cache_size" in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"embedding_cache_size": 2}}}))
+    assert replay.engine_config(replay.load_questions(q), str(params)).embedding_cache_size == 2
 
 
 # ------------------------------------------------------------------------------------ bad bags

@@ -26,6 +26,10 @@ CAMERA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 AUTO_AGE_MIN_S = 2.0
 AUTO_AGE_CYCLES = 3.0
 
+# Node parameters renamed before the first release (CHANGELOG.md). A parameters file that still sets
+# an old name is refused with the new one, by the node and by replay's --params, not ignored.
+RENAMED_PARAMETERS = {"llamacpp_engine": "llama_library", "frame_cache_size": "embedding_cache_size"}
+
 
 class ConfigError(MobileVLMError, ValueError):
     """A configuration value is out of range (the message lists every problem)."""

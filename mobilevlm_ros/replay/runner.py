@@ -20,7 +20,7 @@ from .questions import Ask, QuestionsError, QuestionsFile, timed_asks
 from ..core.errors import ImageError
 from ..core.generation import GenerationParams
 from ..engine import annotate
-from ..engine.config import ConfigError, EngineConfig
+from ..engine.config import RENAMED_PARAMETERS, ConfigError, EngineConfig
 from ..engine.engine import Engine, SimClock
 from ..engine.frames import NS
 from ..engine.model import Model
@@ -58,6 +58,9 @@ def engine_config(qf: QuestionsFile, params_file: Optional[str] = None, **overri
                         if isinstance(v, dict) and "ros__parameters" in v), None)
         if not isinstance(section, dict):
             raise QuestionsError(f"{params_file}: no '<node>: ros__parameters:' mapping")
+        renamed = [f"{old} is now called {new}" for old, new in RENAMED_PARAMETERS.items() if old in section]
+        if renamed:
+            raise QuestionsError(f"{params_file}: parameter {'; '.join(renamed)} (CHANGELOG.md)")
         values = {k: v for k, v in section.items() if k in EngineConfig.specs()}
     values.update(cameras=tuple(qf.cameras), **{k: v for k, v in overrides.items() if v is not None})
     try:

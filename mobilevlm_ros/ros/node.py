@@ -54,13 +54,13 @@ from mobilevlm_ros.action import Ask as AskAction
 from mobilevlm_ros.msg import Answer
 
 from ..core.errors import ImageError, MobileVLMError
-from ..engine.config import ConfigError
+from ..engine.config import RENAMED_PARAMETERS, ConfigError
 from ..engine.engine import Engine
 from ..engine.frames import NS
 from ..engine.requests import Result, Status
 from .annotated import AnnotatedImages
 from .conversion import fill_result, raw_image, request_from_msg, stamp_ns
-from .params import PARAM_BY_NAME, PARAMS, ENGINE_PARAMS, RENAMED, engine_config, load_options
+from .params import PARAM_BY_NAME, PARAMS, ENGINE_PARAMS, engine_config, load_options
 from .qos import ASK_SERVICE_QOS
 
 from mobilevlm_ros.srv import Ask as AskService  # noqa: E402  (generated types after our own)
@@ -87,7 +87,8 @@ class MobileVLMNode(LifecycleNode):
         self._cfg: Dict[str, Any] = {p.name: self.get_parameter(p.name).value for p in PARAMS}
         self._cfg["cameras"] = list(self._cfg["cameras"])
         errors = [e for p in PARAMS if (e := p.check(self._cfg[p.name]))]
-        errors += [f"parameter {old} is now called {new} (CHANGELOG.md)" for old, new in RENAMED.items()
+        errors += [f"parameter {old} is now called {new} (CHANGELOG.md)"
+                   for old, new in RENAMED_PARAMETERS.items()
                    if old in self._parameter_overrides]     # rclpy's copy of the params files' and -p values
         if errors:
             raise ParameterError("; ".join(errors))

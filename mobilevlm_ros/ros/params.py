@@ -119,9 +119,6 @@ PARAMS = (
     _node("autostart", True, "configure and activate at start; exit non-zero if that fails", "startup"),
 )
 PARAM_BY_NAME = {p.name: p for p in PARAMS}
-# renamed before the first release (CHANGELOG.md): a parameters file that still sets an old name is
-# refused with the new one, instead of being ignored as an unknown parameter
-RENAMED = {"llamacpp_engine": "llama_library", "frame_cache_size": "embedding_cache_size"}
 ENGINE_PARAMS = tuple(p.name for p in PARAMS if p.name in EngineConfig.specs())
 assert set(ENGINE_PARAMS) == set(EngineConfig.specs()), "every engine setting is a node parameter"
 
