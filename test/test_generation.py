@@ -81,7 +81,7 @@ def test_bad_params_rejected(kw):
 
 
 def test_stop_rules(tiny_v2):
-    tok = Tokenizer(tiny_v2 / "tokenizer.torch_model")
+    tok = Tokenizer(tiny_v2 / "tokenizer.model")
     words = tok.encode("a red box")
     b = AnswerBuilder(tok, GenerationParams(max_new_tokens=50))
     assert all(b.push(t) for t in words) and not b.push(tok.eos_id)
@@ -98,7 +98,7 @@ def test_an_unfinished_character_is_held_back_while_streaming_and_dropped_at_the
     """'€' is three byte tokens for this tokenizer: cut after two of them (max_new_tokens), the
     answer ends before it instead of in U+FFFD; streamed, no text shows U+FFFD and each text is the
     start of the answer."""
-    tok = Tokenizer(tiny_v2 / "tokenizer.torch_model")
+    tok = Tokenizer(tiny_v2 / "tokenizer.model")
     ids = tok.encode("ab €x")
     euro = [i for i in ids if tok.sp.is_byte(i)]
     assert len(euro) == 3 and tok.decode(ids[:ids.index(euro[1]) + 1]).endswith("\ufffd\ufffd")
