@@ -194,7 +194,7 @@ def test_second_question_evaluates_only_its_text(v2):
         e = d.generate(v2.prompt(QUESTIONS[0], other), other, GREEDY16)   # new frame: prefix reused
         assert e.cached_prefix_tokens == len(p1.prefix)
         assert e.timings["evaluated_prompt_tokens"] == p1.image_tokens + len(p1.suffix)
-        assert d.cached_state_bytes() > 0
+        assert d.kv_state_bytes() > 0
     finally:
         d.close()
     # the contract: a question after another, about a cached frame, answers as on a fresh decoder
@@ -318,7 +318,7 @@ def test_lru_eviction(v2):
         frame_bytes = next(iter(d.kv.frames.values())).nbytes
         for im in v2.images:                                               # evictions: buffers reused
             d.generate(v2.prompt(QUESTIONS[1], im), im, GREEDY16)
-        assert len(d.kv.spare) <= 1 and d.cached_state_bytes() <= d.kv.prefix[1].nbytes + 3 * frame_bytes
+        assert len(d.kv.spare) <= 1 and d.kv_state_bytes() <= d.kv.prefix[1].nbytes + 3 * frame_bytes
         d.clear_cache()
         assert d.generate(again_prompt, imgs[0], GREEDY16).ids == ans[0].ids
     finally:

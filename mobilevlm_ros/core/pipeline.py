@@ -104,8 +104,7 @@ class MobileVLM:
 
     def kv_state_bytes(self) -> int:
         """Host memory of the decoder's saved KV states (0 for a decoder that does not count it)."""
-        counted = getattr(self.decoder, "cached_state_bytes", None)
-        return int(counted()) if counted is not None else 0
+        return self.decoder.kv_state_bytes()
 
     def describe(self) -> dict:
         return {"model_id": self.model_id, "image_tokens": self.image_tokens,

@@ -91,6 +91,10 @@ class Decoder(ABC):
         Safe to call from another thread (a copy is taken at once)."""
         return [k[0] for k in list(self._frames)]
 
+    def kv_state_bytes(self) -> int:
+        """Host memory held by the saved KV states; 0 where the decoder does not count it."""
+        return 0
+
     def describe(self) -> dict:
         return {"decoder": self.name}
 

@@ -165,8 +165,8 @@ class LlamaCppDecoder(Decoder):
     def pad_max(self, value: int) -> None:
         self.context.pad_max = int(value)
 
-    def cached_state_bytes(self) -> int:
-        """Host memory held by the cached KV states (prefix and frames) and their spare buffers."""
+    def kv_state_bytes(self) -> int:
+        """Host memory held by the saved KV states (prefix and frames) and their spare buffers."""
         return self.kv.nbytes()
 
     def _turn(self, prompt: PromptIds, image: ImageEmbedding, params: GenerationParams) -> "_LlamaTurn":
