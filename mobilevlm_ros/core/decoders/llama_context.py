@@ -49,9 +49,14 @@ class LlamaContext:
             self.llama.llama_free(self.ctx)
             self.ctx = None
 
+    def check_ids(self, ids) -> None:
+        """RequestError unless every token id is in the vocabulary (checked before llama.cpp sees them)."""
+        bad = [t for t in ids if not 0 <= int(t) < self.n_vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+
     def tokens(self, ids, pos0: int, logits: bool = True) -> None:
         """Evaluate token ids from position pos0; logits for the last one if asked."""
-        ids = [int(t) for t in ids]
         for _, batch in self.batches.token_chunks(ids, pos0, last(len(ids)) if logits else NO_LOGITS):
             self.decode(batch)
 
@@ -104,9 +109,7 @@ class LlamaContext:
         ids = [int(t) for t in ids]
         if pos0 + len(ids) > self.n_ctx:
             raise RequestError(f"{pos0 + len(ids)} positions do not fit the context of {self.n_ctx}")
-        bad = [t for t in ids if not 0 <= t < self.n_vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        self.check_ids(ids)
         rows = []
         for start, batch in self.batches.token_chunks(ids, pos0, logits):
             self.decode(batch)

@@ -219,9 +219,7 @@ class LlamaCppDecoder(Decoder):
         if not prompt.prefix or not prompt.suffix:
             raise RequestError("the prompt needs text before and after the image")
         for part in (prompt.prefix, prompt.suffix):
-            bad = [t for t in part if not 0 <= int(t) < self.n_vocab]
-            if bad:
-                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+            self.context.check_ids(part)
         if prompt.total >= self.n_ctx:
             raise RequestError(f"the prompt has {prompt.total} tokens ({len(prompt.prefix)} + "
                                f"{prompt.image_tokens} image + {len(prompt.suffix)}); the context holds "
