@@ -72,7 +72,7 @@ def _gen_overrides(d: dict, where: str) -> Dict[str, Any]:
             v = _number(v, f"{where}.{k}", minimum=None)
         out[k] = v
     try:
-        dataclasses.replace(GenerationParams(), **out).validate()
+        dataclasses.replace(GenerationParams(), **out)          # checks itself when made
     except RequestError as e:
         raise QuestionsError(f"{where}: {e}") from None
     return out
